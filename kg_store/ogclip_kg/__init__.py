@@ -1,0 +1,1 @@
+"""Knowledge graph of target types over Bolt: schema, Cypher, store, seeds, prompts."""

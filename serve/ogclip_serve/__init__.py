@@ -1,0 +1,1 @@
+"""Ray Serve classification service with class embeddings synced from the graph."""

@@ -1,0 +1,51 @@
+"""The package layout of DESIGN.md: one wheel, four import packages, no shadowed stdlib ``platform``."""
+
+from __future__ import annotations
+
+import importlib
+import platform
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from ogclip.config import DemoConfig, load_yaml_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Every YAML config the project ships, and the schema it must satisfy.
+CONFIG_SCHEMAS = {"infra/configs/demo.yaml": DemoConfig}
+
+
+def test_platform_is_the_standard_library_module() -> None:
+    assert not (ROOT / "platform" / "__init__.py").exists()
+    stdlib = Path(sysconfig.get_paths()["stdlib"]).resolve()
+    assert Path(platform.__file__).resolve().parent == stdlib
+    assert platform.python_version()
+
+
+@pytest.mark.parametrize("package", ["ogclip", "ogclip_kg", "ogclip_jobs", "ogclip_serve"])
+def test_import_packages(package: str) -> None:
+    assert importlib.import_module(package).__doc__
+
+
+def test_core_does_not_import_ray_or_neo4j() -> None:
+    code = "import sys, ogclip; bad = {'ray', 'neo4j'} & set(sys.modules); print(sorted(bad)); sys.exit(bool(bad))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_shipped_yaml_config_is_validated() -> None:
+    shipped = {str(p.relative_to(ROOT)) for p in (ROOT / "infra").rglob("*.yaml")}
+    assert shipped == set(CONFIG_SCHEMAS), "register each shipped YAML config in CONFIG_SCHEMAS"
+    for path, schema in CONFIG_SCHEMAS.items():
+        load_yaml_config(ROOT / path, schema)
+
+
+def test_yaml_config_rejects_unknown_keys(tmp_path: Path) -> None:
+    bad = tmp_path / "demo.yaml"
+    bad.write_text("model: og-clip-tiny\ntrain:\n  lr: 1.0e-4\n  stpes: 10\n")
+    with pytest.raises(ValueError, match="stpes"):
+        load_yaml_config(bad, DemoConfig)

@@ -1,0 +1,71 @@
+"""Safe decoding and joint image/mask preprocessing."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ogclip.config import PreprocessConfig
+from ogclip.transforms import ImageDecodeError, decode_image, image_mask_transform
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_decodes_valid_images_to_rgb() -> None:
+    image = decode_image(_png(Image.new("L", (10, 7), 128)))
+    assert image.mode == "RGB" and image.size == (10, 7)
+
+
+def test_refuses_decompression_bombs_before_decoding() -> None:
+    bomb = _png(Image.new("1", (20_000, 20_000)))  # 400 Mpx of one bit: a few kB compressed
+    assert len(bomb) < 200_000
+    with pytest.raises(ImageDecodeError, match="limit"):
+        decode_image(bomb, max_pixels=10_000_000)
+
+
+@pytest.mark.parametrize("data", [b"", b"not an image at all", b"\x89PNG\r\n\x1a\n" + b"\x00" * 20])
+def test_refuses_garbage(data: bytes) -> None:
+    with pytest.raises(ImageDecodeError, match="cannot decode"):
+        decode_image(data)
+
+
+def test_refuses_truncated_files() -> None:
+    rng = np.random.default_rng(0)
+    data = _png(Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)))
+    with pytest.raises(ImageDecodeError):
+        decode_image(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_mask_stays_aligned_with_its_image(train: bool) -> None:
+    """A red square and its mask: after any geometric transform the masked pixels are the red ones."""
+    pixels = np.zeros((80, 100, 3), dtype=np.uint8)
+    pixels[20:50, 30:70] = (255, 0, 0)
+    mask = np.zeros((80, 100), dtype=np.uint8)
+    mask[20:50, 30:70] = 255
+    cfg = PreprocessConfig(image_size=48, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    torch.manual_seed(0)
+    transform = image_mask_transform(cfg, train=train)
+    for _ in range(5):
+        image, out_mask = transform(Image.fromarray(pixels), mask)
+        assert image.shape == (3, 48, 48) and out_mask.shape == (1, 48, 48)
+        assert set(out_mask.unique().tolist()) <= {0.0, 1.0}
+        inside = out_mask[0] > 0.5
+        assert inside.any()
+        assert image[0][inside].mean() > 0.9 and image[0][~inside].mean() < 0.1
+
+
+def test_missing_mask_is_all_ones_and_mismatched_mask_is_refused() -> None:
+    transform = image_mask_transform(PreprocessConfig(image_size=32))
+    image, mask = transform(Image.new("RGB", (40, 40)), None)
+    assert torch.equal(mask, torch.ones(1, 32, 32))
+    with pytest.raises(ValueError, match="mask is"):
+        transform(Image.new("RGB", (40, 40)), np.zeros((20, 20)))
