@@ -23,6 +23,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/model.py
+	$(PY) bench/kg.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

@@ -54,3 +54,41 @@ def images_and_masks(batch: int = 3, size: int = 32, seed: int = 0) -> tuple[tor
     images = torch.randn(batch, 3, size, size, generator=generator)
     masks = (torch.rand(batch, 1, size, size, generator=generator) > 0.5).float()
     return images, masks
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def kg_settings(tmp_path_factory: pytest.TempPathFactory):
+    """Settings for an embedded graph server of the test session's own (own folder, free ports), started once."""
+    from ogclip.settings import Settings
+    from ogclip_kg import server
+
+    settings = Settings(home=tmp_path_factory.mktemp("ogclip-home"), kg_bolt_port=free_port(),
+                        kg_http_port=free_port(), neo4j_uri=None, neo4j_password=None)
+    server.up(settings)
+    yield settings
+    server.down(settings)
+
+
+@pytest.fixture(scope="session", params=["embedded", pytest.param("neo4j", marks=pytest.mark.neo4j)])
+def graph(request: pytest.FixtureRequest):
+    """A seeded graph: the embedded server always, and Neo4j when OGCLIP_NEO4J_URI is set (a scratch database:
+    the contract tests clear and reseed it)."""
+    from ogclip.settings import Settings
+    from ogclip_kg.seeds import seed_graph
+    from ogclip_kg.store import GraphStore
+
+    settings = request.getfixturevalue("kg_settings") if request.param == "embedded" else Settings()
+    store = GraphStore.from_settings(settings)
+    if request.param == "neo4j":
+        store.clear()
+    store.seed_summary = seed_graph(store)
+    yield store
+    store.close()

@@ -52,6 +52,92 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _kg(args: argparse.Namespace) -> int:
+    from ogclip.settings import get_settings
+    from ogclip_kg import server
+    from ogclip_kg.store import GraphStore
+
+    settings = get_settings()
+    if args.kg_command in ("up", "down", "status"):
+        if settings.neo4j_uri:
+            print(f"OGCLIP_NEO4J_URI is set: the graph is the Neo4j server at {settings.neo4j_uri}, "
+                  "not the embedded one", file=sys.stderr)
+            return 2
+        action = {"up": server.up, "down": server.down, "status": server.status}[args.kg_command]
+        print(action(settings).describe())
+        return 0
+    with GraphStore.from_settings(settings) as store:
+        return _KG_COMMANDS[args.kg_command](store, args)
+
+
+def _kg_seed(store, args: argparse.Namespace) -> int:
+    from ogclip_kg.seeds import seed_graph
+
+    summary = seed_graph(store, seed=args.seed, test_scale=args.test_scale)
+    print(json.dumps(summary) if args.json else "seeded: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
+    return 0
+
+
+def _parse_param(text: str) -> tuple[str, object]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.isidentifier():
+        raise ValueError(f"--param expects name=value, got {text!r}")
+    try:
+        return name, json.loads(value)
+    except json.JSONDecodeError:
+        return name, value
+
+
+def _kg_query(store, args: argparse.Namespace) -> int:
+    rows = store.analyst_query(args.cypher, dict(_parse_param(p) for p in args.param), limit=args.limit)
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    columns = list(rows[0]) if rows else []
+    print("\t".join(columns))
+    for row in rows:
+        print("\t".join(json.dumps(row[c], default=str) if not isinstance(row[c], str) else row[c] for c in columns))
+    print(f"({len(rows)} row{'s' if len(rows) != 1 else ''})", file=sys.stderr)
+    return 0
+
+
+def _kg_check(store, args: argparse.Namespace) -> int:
+    from ogclip_kg.quality import check
+
+    report = check(store)
+    print(report.render(limit=args.limit))
+    return 1 if report.errors else 0
+
+
+def _kg_export(store, args: argparse.Namespace) -> int:
+    print(f"wrote {store.export_jsonl(args.path)} lines to {args.path}")
+    return 0
+
+
+def _kg_import(store, args: argparse.Namespace) -> int:
+    print(f"merged {store.import_jsonl(args.path)} nodes and relationships from {args.path}")
+    return 0
+
+
+def _kg_prompts(store, args: argparse.Namespace) -> int:
+    from ogclip_kg import cypher
+    from ogclip_kg.prompts import class_prompts, fetch_class_facts, vlm_prompt
+
+    keys = list(args.keys) or [r["key"] for r in store.read(cypher.CLASS_SET_KEYS, key=args.class_set)]
+    rows = fetch_class_facts(store, keys[: args.limit])
+    out = []
+    for row in rows:
+        out.append({"key": row["key"], "prompts": class_prompts(row, seed=args.seed)})
+        if args.vlm:
+            out[-1]["vlm"] = vlm_prompt(row)
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+_KG_COMMANDS = {"seed": _kg_seed, "query": _kg_query, "check": _kg_check, "export": _kg_export,
+                "import": _kg_import, "prompts": _kg_prompts}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ogclip", description="OG-CLIP zero-shot target recognition platform.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -66,6 +152,33 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, help="override the number of training steps")
     demo.add_argument("--output-dir", type=Path, help="where figures and the bundle go")
     demo.set_defaults(func=_demo)
+    kg = commands.add_parser("kg", help="the knowledge graph: embedded server, seed, queries, checks, prompts")
+    kg_commands = kg.add_subparsers(dest="kg_command", required=True, metavar="KG_COMMAND")
+    kg.set_defaults(func=_kg)
+    kg_commands.add_parser("up", help="start the embedded graph server (ArcadeDB over Bolt on 127.0.0.1)")
+    kg_commands.add_parser("down", help="stop the embedded graph server")
+    kg_commands.add_parser("status", help="is the embedded graph server running")
+    seed = kg_commands.add_parser("seed", help="load the real seed data and define the train/test class sets")
+    seed.add_argument("--seed", type=int, default=0, help="class-set selection seed")
+    seed.add_argument("--test-scale", type=float, default=1.0, help="scale of the paper's 51/29/19 test split")
+    seed.add_argument("--json", action="store_true")
+    query = kg_commands.add_parser("query", help="run a read-only Cypher query (writes are refused)")
+    query.add_argument("cypher")
+    query.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="query parameter (JSON)")
+    query.add_argument("--limit", type=int, default=1000, help="at most this many rows")
+    query.add_argument("--json", action="store_true", help="print JSON instead of tab-separated columns")
+    check = kg_commands.add_parser("check", help="quality control: consistency checks and possible duplicates")
+    check.add_argument("--limit", type=int, default=10, help="examples shown per finding")
+    export = kg_commands.add_parser("export", help="write the graph as JSON lines")
+    export.add_argument("path", type=Path)
+    import_ = kg_commands.add_parser("import", help="merge a JSON-lines graph file into the graph")
+    import_.add_argument("path", type=Path)
+    prompts = kg_commands.add_parser("prompts", help="knowledge-infused prompts for classes")
+    prompts.add_argument("keys", nargs="*", help="target keys (default: the class set)")
+    prompts.add_argument("--class-set", default="test", choices=["train", "test"])
+    prompts.add_argument("--limit", type=int, default=5)
+    prompts.add_argument("--seed", type=int, default=0)
+    prompts.add_argument("--vlm", action="store_true", help="also print the captioning (VLM) prompt")
     return parser
 
 
@@ -73,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as exc:
         print(f"ogclip {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

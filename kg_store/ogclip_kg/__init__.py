@@ -1,1 +1,5 @@
-"""Knowledge graph of target types over Bolt: schema, Cypher, store, seeds, prompts."""
+"""Knowledge graph of target types over Bolt: schema, Cypher, store, embedded server, seeds, prompts, checks."""
+
+from ogclip_kg.store import GraphConnectionError, GraphError, GraphStore, ReadOnlyViolation
+
+__all__ = ["GraphConnectionError", "GraphError", "GraphStore", "ReadOnlyViolation"]

@@ -22,9 +22,20 @@ class Settings(BaseSettings):
     device: str = Field(default="auto", description="Torch device; 'auto' picks CUDA when present.")
     log_level: str = Field(default="INFO")
     neo4j_uri: str | None = Field(default=None, description="Bolt URI of a Neo4j server; unset = embedded server.")
-    neo4j_user: str = Field(default="neo4j")
-    neo4j_password: SecretStr | None = Field(default=None)
+    neo4j_user: str = Field(default="neo4j", description="User for neo4j_uri (the embedded server's is 'root').")
+    neo4j_password: SecretStr | None = Field(
+        default=None, description="Password for neo4j_uri; the embedded server generates and keeps its own if unset."
+    )
     neo4j_database: str = Field(default="neo4j")
+    kg_host: str = Field(default="127.0.0.1", description="Address the embedded graph server binds to.")
+    kg_bolt_port: int = Field(default=17687, gt=0, lt=65536)
+    kg_http_port: int = Field(default=12480, gt=0, lt=65536)
+    kg_heap: str = Field(default="1g", description="JVM heap of the embedded graph server.")
+
+    @property
+    def kg_dir(self) -> Path:
+        """Where the embedded graph server keeps its databases, credentials, pid file and log."""
+        return self.home / "kg"
 
 
 @lru_cache(maxsize=1)

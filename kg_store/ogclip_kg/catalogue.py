@@ -1,0 +1,168 @@
+"""The fixed parts of the graph: category taxonomy, attribute definitions, and the curated warship classes.
+
+Sources lack a warship catalogue (AIS only says "military ops"), so the warship classes below are curated public
+facts: class name, role, navy and approximate length overall. Everything else in the seed comes from PyPI
+packages (:mod:`ogclip_kg.seeds`).
+"""
+
+from __future__ import annotations
+
+# key -> (name, parent key or None). Level follows from the parent chain.
+CATEGORIES: dict[str, tuple[str, str | None]] = {
+    "aircraft": ("aircraft", None),
+    "ship": ("ship", None),
+    "land-vehicle": ("land vehicle", None),
+    "military-aircraft": ("military aircraft", "aircraft"),
+    "civilian-aircraft": ("civilian aircraft", "aircraft"),
+    "warship": ("warship", "ship"),
+    "civilian-ship": ("civilian ship", "ship"),
+    "armoured-vehicle": ("armoured vehicle", "land-vehicle"),
+    # military aircraft roles (the paper's test categories)
+    "fighter": ("fighter", "military-aircraft"),
+    "bomber": ("bomber", "military-aircraft"),
+    "attack-aircraft": ("attack aircraft", "military-aircraft"),
+    "reconnaissance-aircraft": ("reconnaissance aircraft", "military-aircraft"),
+    "maritime-patrol-aircraft": ("anti-submarine and maritime patrol aircraft", "military-aircraft"),
+    "early-warning-aircraft": ("airborne early warning aircraft", "military-aircraft"),
+    "military-transport": ("military transport aircraft", "military-aircraft"),
+    "tanker-aircraft": ("tanker aircraft", "military-aircraft"),
+    "military-uav": ("military UAV", "military-aircraft"),
+    "tiltrotor": ("tiltrotor aircraft", "military-aircraft"),
+    "military-helicopter": ("military helicopter", "military-aircraft"),
+    "military-trainer": ("military trainer", "military-aircraft"),
+    # civilian aircraft (ICAO Doc 8643 descriptions and engine types)
+    "airliner": ("airliner", "civilian-aircraft"),
+    "business-jet": ("business jet", "civilian-aircraft"),
+    "turboprop-aircraft": ("turboprop aircraft", "civilian-aircraft"),
+    "light-aircraft": ("light aircraft", "civilian-aircraft"),
+    "civil-helicopter": ("civil helicopter", "civilian-aircraft"),
+    "amphibian-aircraft": ("amphibian or seaplane", "civilian-aircraft"),
+    "gyrocopter": ("gyrocopter", "civilian-aircraft"),
+    "civil-tiltrotor": ("civil tiltrotor", "civilian-aircraft"),
+    # warship roles
+    "aircraft-carrier": ("aircraft carrier", "warship"),
+    "destroyer": ("destroyer", "warship"),
+    "cruiser": ("cruiser", "warship"),
+    "frigate": ("frigate", "warship"),
+    "corvette": ("corvette", "warship"),
+    "amphibious-assault-ship": ("amphibious assault ship", "warship"),
+    "landing-ship": ("tank landing ship", "warship"),
+    "fast-attack-craft": ("fast attack craft", "warship"),
+    "littoral-combat-ship": ("littoral combat ship", "warship"),
+    "military-auxiliary": ("military auxiliary ship", "warship"),
+}
+
+# The paper's three evaluation super-categories, by the second level of the taxonomy.
+SUPER_CATEGORY = {
+    "military-aircraft": "military aircraft",
+    "warship": "warship",
+    "civilian-aircraft": "civilian/other",
+    "civilian-ship": "civilian/other",
+    "armoured-vehicle": "civilian/other",
+}
+
+# Attribute definitions: key -> (name, unit or None, kinds it applies to, visual?). Visual attributes are the ones
+# the synthetic target world renders.
+ATTRIBUTES: dict[str, tuple[str, str | None, tuple[str, ...], bool]] = {
+    "icao_designator": ("ICAO type designator", None, ("aircraft",), False),
+    "aircraft_description": ("ICAO aircraft description", None, ("aircraft",), False),
+    "engine_type": ("engine type", None, ("aircraft",), False),
+    "engine_count": ("number of engines", "count", ("aircraft",), False),
+    "wake_category": ("ICAO wake turbulence category", None, ("aircraft",), False),
+    "wingspan": ("wingspan", "m", ("aircraft",), False),
+    "length": ("length overall", "m", ("aircraft", "ship", "land-vehicle"), False),
+    "ais_ship_type": ("AIS ship type code", None, ("ship",), False),
+    "hull_layout": ("hull and superstructure layout", None, ("ship",), False),
+    "track_type": ("running gear", None, ("land-vehicle",), False),
+    "silhouette": ("silhouette", None, ("aircraft", "ship", "land-vehicle"), True),
+    "colour": ("colour scheme", None, ("aircraft", "ship", "land-vehicle"), True),
+    "size_class": ("apparent size", None, ("aircraft", "ship", "land-vehicle"), True),
+    "pattern": ("paint pattern", None, ("aircraft", "ship", "land-vehicle"), True),
+    "accent": ("accent colour", None, ("aircraft", "ship", "land-vehicle"), True),
+}
+
+# What each role can carry (CAN_BE_EQUIPPED_WITH), derived from the role itself.
+ROLE_EQUIPMENT: dict[str, tuple[str, ...]] = {
+    "fighter": ("air-to-air missiles", "cannon"),
+    "bomber": ("bombs", "cruise missiles"),
+    "attack-aircraft": ("air-to-ground missiles", "bombs", "cannon"),
+    "reconnaissance-aircraft": ("reconnaissance sensors",),
+    "maritime-patrol-aircraft": ("torpedoes", "sonobuoys", "search radar"),
+    "early-warning-aircraft": ("rotating radar dome",),
+    "tanker-aircraft": ("refuelling boom",),
+    "military-uav": ("electro-optical sensors",),
+    "military-helicopter": ("door guns",),
+    "aircraft-carrier": ("fixed-wing aircraft", "helicopters"),
+    "destroyer": ("vertical launch system", "naval gun", "helicopters"),
+    "cruiser": ("vertical launch system", "naval gun"),
+    "frigate": ("anti-ship missiles", "naval gun", "helicopters"),
+    "corvette": ("anti-ship missiles", "naval gun"),
+    "amphibious-assault-ship": ("landing craft", "helicopters"),
+    "landing-ship": ("bow ramp", "landing craft"),
+    "fast-attack-craft": ("anti-ship missiles",),
+    "littoral-combat-ship": ("naval gun", "helicopters"),
+    "military-auxiliary": ("replenishment rigs",),
+}
+
+# (class name, role category, navy, length overall in metres)
+WARSHIPS: list[tuple[str, str, str, float]] = [
+    ("Nimitz-class aircraft carrier", "aircraft-carrier", "United States Navy", 333),
+    ("Gerald R. Ford-class aircraft carrier", "aircraft-carrier", "United States Navy", 337),
+    ("Queen Elizabeth-class aircraft carrier", "aircraft-carrier", "Royal Navy", 284),
+    ("Charles de Gaulle aircraft carrier", "aircraft-carrier", "French Navy", 261),
+    ("Admiral Kuznetsov aircraft carrier", "aircraft-carrier", "Russian Navy", 305),
+    ("Type 001 aircraft carrier", "aircraft-carrier", "People's Liberation Army Navy", 305),
+    ("Type 003 aircraft carrier", "aircraft-carrier", "People's Liberation Army Navy", 316),
+    ("Vikramaditya aircraft carrier", "aircraft-carrier", "Indian Navy", 284),
+    ("Cavour aircraft carrier", "aircraft-carrier", "Italian Navy", 244),
+    ("Arleigh Burke-class destroyer", "destroyer", "United States Navy", 155),
+    ("Zumwalt-class destroyer", "destroyer", "United States Navy", 186),
+    ("Type 45 destroyer", "destroyer", "Royal Navy", 152),
+    ("Type 055 destroyer", "destroyer", "People's Liberation Army Navy", 180),
+    ("Type 052D destroyer", "destroyer", "People's Liberation Army Navy", 157),
+    ("Kongo-class destroyer", "destroyer", "Japan Maritime Self-Defense Force", 161),
+    ("Atago-class destroyer", "destroyer", "Japan Maritime Self-Defense Force", 165),
+    ("Sejong the Great-class destroyer", "destroyer", "Republic of Korea Navy", 166),
+    ("Horizon-class frigate", "destroyer", "French Navy", 153),
+    ("Udaloy-class destroyer", "destroyer", "Russian Navy", 163),
+    ("Ticonderoga-class cruiser", "cruiser", "United States Navy", 173),
+    ("Kirov-class battlecruiser", "cruiser", "Russian Navy", 252),
+    ("Slava-class cruiser", "cruiser", "Russian Navy", 186),
+    ("FREMM multipurpose frigate", "frigate", "Italian Navy", 144),
+    ("Type 23 frigate", "frigate", "Royal Navy", 133),
+    ("Type 26 frigate", "frigate", "Royal Navy", 150),
+    ("Admiral Gorshkov-class frigate", "frigate", "Russian Navy", 135),
+    ("Oliver Hazard Perry-class frigate", "frigate", "United States Navy", 136),
+    ("De Zeven Provincien-class frigate", "frigate", "Royal Netherlands Navy", 144),
+    ("Fridtjof Nansen-class frigate", "frigate", "Royal Norwegian Navy", 134),
+    ("Type 054A frigate", "frigate", "People's Liberation Army Navy", 134),
+    ("Steregushchiy-class corvette", "corvette", "Russian Navy", 105),
+    ("Buyan-M corvette", "corvette", "Russian Navy", 75),
+    ("Type 056 corvette", "corvette", "People's Liberation Army Navy", 89),
+    ("Braunschweig-class corvette", "corvette", "German Navy", 89),
+    ("Visby-class corvette", "corvette", "Swedish Navy", 73),
+    ("Wasp-class amphibious assault ship", "amphibious-assault-ship", "United States Navy", 257),
+    ("America-class amphibious assault ship", "amphibious-assault-ship", "United States Navy", 257),
+    ("Mistral-class amphibious assault ship", "amphibious-assault-ship", "French Navy", 199),
+    ("Juan Carlos I amphibious assault ship", "amphibious-assault-ship", "Spanish Navy", 231),
+    ("Type 075 amphibious assault ship", "amphibious-assault-ship", "People's Liberation Army Navy", 237),
+    ("San Antonio-class amphibious transport dock", "amphibious-assault-ship", "United States Navy", 208),
+    ("Izumo-class helicopter destroyer", "amphibious-assault-ship", "Japan Maritime Self-Defense Force", 248),
+    ("Ropucha-class landing ship", "landing-ship", "Russian Navy", 112),
+    ("Ivan Gren-class landing ship", "landing-ship", "Russian Navy", 135),
+    ("Type 072A landing ship", "landing-ship", "People's Liberation Army Navy", 120),
+    ("Newport-class tank landing ship", "landing-ship", "United States Navy", 159),
+    ("Cyclone-class patrol ship", "fast-attack-craft", "United States Navy", 55),
+    ("Hamina-class missile boat", "fast-attack-craft", "Finnish Navy", 51),
+    ("Type 022 missile boat", "fast-attack-craft", "People's Liberation Army Navy", 43),
+    ("Skjold-class corvette", "fast-attack-craft", "Royal Norwegian Navy", 47),
+    ("Tarantul-class corvette", "fast-attack-craft", "Russian Navy", 56),
+    ("Freedom-class littoral combat ship", "littoral-combat-ship", "United States Navy", 118),
+    ("Independence-class littoral combat ship", "littoral-combat-ship", "United States Navy", 127),
+    ("Supply-class fast combat support ship", "military-auxiliary", "United States Navy", 230),
+    ("Henry J. Kaiser-class replenishment oiler", "military-auxiliary", "United States Navy", 206),
+    ("Lewis and Clark-class dry cargo ship", "military-auxiliary", "United States Navy", 210),
+    ("Berlin-class replenishment ship", "military-auxiliary", "German Navy", 174),
+    ("Type 901 fast combat support ship", "military-auxiliary", "People's Liberation Army Navy", 241),
+    ("Tide-class tanker", "military-auxiliary", "Royal Navy", 201),
+]

@@ -1,0 +1,120 @@
+"""Knowledge-infused prompts: text for each class built from its graph facts (the paper's KG-Aug).
+
+Four templates per class, from least to most knowledge: the label alone; label and category; label and
+attributes; a natural-language description. Wording variants and fact order are chosen by a seeded hash, so the
+same graph and seed always give the same prompts. The captioning stage's VLM prompt is built from the same facts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Iterable
+from typing import Any
+
+from ogclip_kg import cypher
+from ogclip_kg.store import GraphStore
+
+TEMPLATES = ("label", "label_category", "label_attributes", "description")
+_OPENERS = ("a photo of", "an image of", "a picture of", "a photograph of")
+
+
+def fetch_class_facts(store: GraphStore, keys: Iterable[str], batch_size: int = 1000) -> list[dict[str, Any]]:
+    """Facts of many classes with one query per ``batch_size`` keys (UNWIND), in the order of ``keys``."""
+    keys = list(keys)
+    rows: dict[str, dict[str, Any]] = {}
+    for start in range(0, len(keys), batch_size):
+        for row in store.read(cypher.CLASS_FACTS, keys=keys[start:start + batch_size]):
+            rows[row["key"]] = row
+    missing = [k for k in keys if k not in rows]
+    if missing:
+        raise KeyError(f"unknown classes: {', '.join(missing[:10])}")
+    return [rows[k] for k in keys]
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
+def _rng(seed: int, key: str, salt: str) -> random.Random:
+    return random.Random(int.from_bytes(hashlib.sha256(f"{seed}:{salt}:{key}".encode()).digest()[:8], "big"))
+
+
+def _facts(row: dict[str, Any]) -> dict[str, Any]:
+    return {f["attribute"]: f["value"] for f in row["facts"]}
+
+
+def _category(row: dict[str, Any]) -> str:
+    return row["categories"][0] if row["categories"] else row["super_category"]
+
+
+def appearance(row: dict[str, Any]) -> str:
+    """'a large grey aircraft with a swept wing silhouette, two-tone paint and red accents'."""
+    facts = _facts(row)
+    kind = "ship" if facts.get("silhouette", "").endswith("hull") else "aircraft"
+    size, colour = facts.get("size_class", ""), facts.get("colour", "")
+    text = f"{_article(size or colour or kind)} {' '.join(w for w in (size, colour) if w)} {kind}".replace("  ", " ")
+    details = []
+    if "silhouette" in facts:
+        details.append(f"a {facts['silhouette']} silhouette")
+    if facts.get("pattern") and facts["pattern"] != "plain":
+        details.append(f"{facts['pattern']} paint")
+    if "accent" in facts:
+        details.append(f"{facts['accent']} accents")
+    return text + (" with " + ", ".join(details[:-1]) + (" and " if len(details) > 1 else "") + details[-1]
+                   if details else "")
+
+
+def _known_facts(row: dict[str, Any]) -> list[str]:
+    facts = _facts(row)
+    sentences = []
+    if row["manufacturers"]:
+        sentences.append(f"It is made by {row['manufacturers'][0]}.")
+    if row["operators"]:
+        operators = sorted(row["operators"])[:3]
+        sentences.append("It is operated by " + (" and ".join(operators) if len(operators) < 3
+                                                 else f"{operators[0]}, {operators[1]} and {operators[2]}") + ".")
+    if "engine_count" in facts and "engine_type" in facts:
+        engine = str(facts["engine_type"]).split("/")[0].lower()
+        count = facts["engine_count"]
+        sentences.append(f"It has {count} {engine} engine{'s' if count != 1 else ''}.")
+    if "length" in facts:
+        sentences.append(f"It is about {facts['length']:.0f} m long.")
+    if row["equipment"]:
+        sentences.append("It can carry " + " and ".join(sorted(row["equipment"])[:2]) + ".")
+    return sentences
+
+
+def description(row: dict[str, Any], seed: int = 0) -> str:
+    """A natural-language description of the class from its facts."""
+    rng = _rng(seed, row["key"], "description")
+    category = _category(row)
+    facts = _known_facts(row)
+    rng.shuffle(facts)
+    looks = appearance(row)
+    return " ".join([f"The {row['name']} is {_article(category)} {category}.", *facts,
+                     f"It looks like {looks}." if looks else ""]).strip()
+
+
+def class_prompts(row: dict[str, Any], seed: int = 0) -> dict[str, str]:
+    """One prompt per template for a class (``row`` from :func:`fetch_class_facts`)."""
+    opener = _rng(seed, row["key"], "opener").choice(_OPENERS)
+    name, category = row["name"], _category(row)
+    looks = appearance(row)
+    return {
+        "label": f"{opener} {_article(name)} {name}.",
+        "label_category": f"{opener} {_article(name)} {name}, {_article(category)} {category}.",
+        "label_attributes": f"{opener} {_article(name)} {name}, {looks}." if looks else f"{opener} a {name}.",
+        "description": description(row, seed),
+    }
+
+
+def vlm_prompt(row: dict[str, Any]) -> str:
+    """The captioning prompt for an image of this class: the same facts, and what to describe."""
+    facts = "\n".join(f"- {sentence}" for sentence in _known_facts(row))
+    return (
+        f"This image shows {_article(row['name'])} {row['name']} ({_category(row)}).\n"
+        f"Known facts:\n{facts or '- none'}\n"
+        "Write one sentence describing the target as it appears in this image: its silhouette, colour scheme, "
+        "paint pattern, apparent size and any visible equipment. Use only what is visible or listed above."
+    )
