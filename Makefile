@@ -24,6 +24,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/model.py
 	$(PY) bench/kg.py
+	$(PY) bench/data.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

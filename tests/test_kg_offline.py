@@ -6,11 +6,11 @@ import collections
 
 import pytest
 
-from ogclip.synth import COLOURS, SILHOUETTES, SIZES
+from ogclip.synth import COLOURS, PATTERNS, SILHOUETTES, SIZES
 from ogclip_kg import cypher
 from ogclip_kg.prompts import class_prompts, description, vlm_prompt
 from ogclip_kg.quality import near_duplicates
-from ogclip_kg.seeds import PATTERNS, build_seed, look, military_role, normalized_name, select_class_sets
+from ogclip_kg.seeds import build_seed, look, military_role, normalized_name, select_class_sets
 
 
 @pytest.fixture(scope="module")

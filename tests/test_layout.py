@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from ogclip.config import DemoConfig, load_yaml_config
+from ogclip.config import DataPipelineConfig, DemoConfig, load_yaml_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # Every YAML config the project ships, and the schema it must satisfy.
-CONFIG_SCHEMAS = {"infra/configs/demo.yaml": DemoConfig}
+CONFIG_SCHEMAS = {"infra/configs/demo.yaml": DemoConfig, "infra/configs/demo-data.yaml": DataPipelineConfig}
 
 
 def test_platform_is_the_standard_library_module() -> None:

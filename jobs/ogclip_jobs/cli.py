@@ -138,6 +138,22 @@ _KG_COMMANDS = {"seed": _kg_seed, "query": _kg_query, "check": _kg_check, "expor
                 "import": _kg_import, "prompts": _kg_prompts}
 
 
+def _data(args: argparse.Namespace) -> int:
+    from ogclip.config import DataPipelineConfig, SynthSourceConfig
+    from ogclip_jobs.data.pipeline import run_pipeline
+
+    if args.data_command == "synth":
+        source = SynthSourceConfig(class_set=args.classes, per_class=args.per_class, image_size=args.image_size,
+                                   seed=args.seed, max_classes=args.max_classes)
+        cfg = DataPipelineConfig(output_dir=args.output_dir, source=source)
+        records = run_pipeline(cfg, only="ingest")
+    else:
+        cfg = load_yaml_config(args.config, DataPipelineConfig) if args.config else DataPipelineConfig()
+        records = run_pipeline(cfg, only=args.stage)
+    print(json.dumps(records, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ogclip", description="OG-CLIP zero-shot target recognition platform.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -152,6 +168,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, help="override the number of training steps")
     demo.add_argument("--output-dir", type=Path, help="where figures and the bundle go")
     demo.set_defaults(func=_demo)
+    data = commands.add_parser("data", help="the curation pipeline on Ray Data")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    data.set_defaults(func=_data)
+    synth = data_commands.add_parser("synth", help="render the synthetic target world for a class set")
+    synth.add_argument("--classes", choices=["train", "test"], default="train")
+    synth.add_argument("--per-class", type=int, default=4)
+    synth.add_argument("--image-size", type=int, default=64)
+    synth.add_argument("--max-classes", type=int)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--output-dir", type=Path, default=Path("outputs/synth"))
+    pipeline = data_commands.add_parser("pipeline", help="ingest → dedup → quality → masks → captions → shards")
+    pipeline.add_argument("--config", type=Path, help="pipeline YAML (default: built-in defaults)")
+    pipeline.add_argument("--stage", help="run only this stage (its input must exist)")
+
     kg = commands.add_parser("kg", help="the knowledge graph: embedded server, seed, queries, checks, prompts")
     kg_commands = kg.add_subparsers(dest="kg_command", required=True, metavar="KG_COMMAND")
     kg.set_defaults(func=_kg)

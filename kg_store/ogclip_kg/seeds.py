@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-from ogclip.synth import COLOURS
+from ogclip.synth import COLOURS, PATTERNS
 from ogclip_kg import cypher
 from ogclip_kg.catalogue import ATTRIBUTES, CATEGORIES, ROLE_EQUIPMENT, SUPER_CATEGORY, WARSHIPS
 from ogclip_kg.store import GraphStore
@@ -37,8 +37,6 @@ AIRCOT_SOURCE = "aircot cotdb (Stefan Gofferje, CC-BY-SA 4.0)"
 AIS_SOURCE = "ITU-R M.1371 AIS ship types via PyPI pyais"
 CURATED_SOURCE = "curated public facts"
 DERIVED = "derived"
-
-PATTERNS = ("plain", "two-tone", "striped", "camouflage")
 
 # Military-style designations: letters, a hyphen, digits ("F-16C", "KC-135R", "Su-27SM", "AH-64D").
 _DESIGNATION = re.compile(r"^([a-z]{1,4})-(\d{1,4})(?![\d.])")

@@ -133,6 +133,177 @@ class DemoConfig(StrictModel):
     output_dir: Path = Path("outputs/demo")
 
 
+class StageResources(StrictModel):
+    """Ray resources of one stage; on a 2-core machine give actors fractional CPUs."""
+
+    num_cpus: float = Field(default=0.5, gt=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+    concurrency: int = Field(default=1, ge=1, description="actors in the stage's pool")
+    batch_size: int = Field(default=32, ge=1)
+
+
+class SynthSourceConfig(StrictModel):
+    """Render the synthetic target world for the graph's class set."""
+
+    kind: Literal["synth"] = "synth"
+    class_set: Literal["train", "test"] = "train"
+    max_classes: int | None = Field(default=None, ge=1, description="first N classes of the set (by key)")
+    per_class: int = Field(default=4, ge=1)
+    image_size: int = Field(default=64, ge=16)
+    seed: int = 0
+
+
+class FolderSourceConfig(StrictModel):
+    """Images under ``path/<class key>/*``; the folder name is the class."""
+
+    kind: Literal["folder"] = "folder"
+    path: Path
+
+
+class ParquetSourceConfig(StrictModel):
+    """img2dataset-style Parquet: image bytes, a caption and a label per row."""
+
+    kind: Literal["parquet"] = "parquet"
+    path: Path
+    image_column: str = "image"
+    caption_column: str = "caption"
+    label_column: str = "label"
+
+
+class WebDatasetSourceConfig(StrictModel):
+    """WebDataset tars (``key.jpg|png`` + ``key.txt`` + ``key.cls`` or ``key.json`` with a label)."""
+
+    kind: Literal["webdataset"] = "webdataset"
+    path: Path
+
+
+class DedupConfig(StrictModel):
+    enabled: bool = True
+    max_hamming: int = Field(default=3, ge=0, le=32, description="64-bit dHash distance counted as a near duplicate")
+
+
+class QualityFilterConfig(StrictModel):
+    """Image embeddings + DBSCAN per category; outliers go to a review file (and, if asked, out of the shards)."""
+
+    enabled: bool = True
+    model: str = Field(default="og-clip-tiny", description="a registry name (fresh weights) or an export bundle path")
+    eps: float = Field(default=0.15, gt=0, description="DBSCAN radius in cosine distance")
+    min_samples: int = Field(default=3, ge=1)
+    drop_outliers: bool = False
+    resources: StageResources = StageResources()
+
+
+class MaskConfig(StrictModel):
+    """'provided': masks that come with the data; 'cpu': a weight-free segmenter; 'sam2': SAM2 from a checkpoint."""
+
+    method: Literal["provided", "cpu", "sam2"] = "provided"
+    sam2_checkpoint: Path | None = None
+    sam2_config: str = "configs/sam2.1/sam2.1_hiera_l.yaml"
+    prompt: Literal["centre", "auto"] = "centre"
+    device: str = "auto"
+    resources: StageResources = StageResources()
+
+    @model_validator(mode="after")
+    def _needs_checkpoint(self) -> MaskConfig:
+        if self.method == "sam2" and self.sam2_checkpoint is None:
+            raise ValueError("masks.method 'sam2' needs masks.sam2_checkpoint (a local path)")
+        return self
+
+
+class CaptionConfig(StrictModel):
+    """'template': captions rendered from graph facts; 'vlm': a vision-language model via vLLM from a local path."""
+
+    method: Literal["template", "vlm"] = "template"
+    vlm_model_path: Path | None = None
+    max_tokens: int = Field(default=96, ge=8)
+    seed: int = 0
+    resources: StageResources = StageResources()
+
+    @model_validator(mode="after")
+    def _needs_model(self) -> CaptionConfig:
+        if self.method == "vlm" and self.vlm_model_path is None:
+            raise ValueError("captions.method 'vlm' needs captions.vlm_model_path (a local path)")
+        return self
+
+
+class WriterConfig(StrictModel):
+    formats: list[Literal["parquet", "webdataset"]] = ["parquet"]
+    rows_per_shard: int = Field(default=1000, ge=1)
+
+
+ROBOTS_CACHE_MAX_S = 86_400  # RFC 9309 §2.4: crawlers SHOULD NOT use a cached robots.txt for more than 24 hours
+
+
+def normalise_host(host: str) -> str:
+    """Host names compare lower-case, without a trailing dot or IPv6 brackets."""
+    return host.strip().lower().rstrip(".").strip("[]")
+
+
+class CrawlConfig(StrictModel):
+    """How the crawler identifies itself, how hard it may push a host and what it refuses to fetch or keep."""
+
+    user_agent: str = "ogclip-crawler/0.1 (+https://example.invalid/ogclip)"
+    timeout_s: float = Field(10.0, gt=0)
+    max_bytes: int = Field(20_000_000, gt=0)
+    max_pixels: int = Field(40_000_000, gt=0)
+    allowed_content_types: list[str] = Field(
+        default_factory=lambda: ["image/jpeg", "image/png", "image/webp", "image/gif"]
+    )
+    min_host_interval_s: float = Field(1.0, ge=0)
+    retries: int = Field(3, ge=0)  # extra attempts after the first one
+    backoff_s: float = Field(0.5, ge=0)  # first retry waits backoff_s, then 2x, 4x, ...
+    robots_cache_s: float = Field(86_400, gt=0)
+    max_redirects: int = Field(5, ge=0)
+    allow_loopback: bool = False
+    allow_private: bool = False
+    allowed_hosts: list[str] = Field(default_factory=list)  # exact names exempt from the loopback/private check
+
+    @field_validator("robots_cache_s")
+    @classmethod
+    def _robots_cache_within_rfc(cls, value: float) -> float:
+        if value > ROBOTS_CACHE_MAX_S:
+            raise ValueError(f"robots_cache_s must be <= {ROBOTS_CACHE_MAX_S} (RFC 9309 caps caching at 24 hours)")
+        return value
+
+    @field_validator("allowed_content_types")
+    @classmethod
+    def _lower_content_types(cls, value: list[str]) -> list[str]:
+        return [v.strip().lower() for v in value]
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _normalise_hosts(cls, value: list[str]) -> list[str]:
+        return [normalise_host(v) for v in value]
+
+    @property
+    def robots_token(self) -> str:
+        """The product token (``ogclip-crawler``) that robots.txt groups and X-Robots-Tag prefixes address."""
+        return self.user_agent.split("/", 1)[0].strip().lower()
+
+
+class CrawlSourceConfig(StrictModel):
+    """Crawl a URL manifest: a text file of ``url<TAB>label`` lines (``#`` starts a comment)."""
+
+    kind: Literal["crawl"] = "crawl"
+    manifest: Path
+    crawl: CrawlConfig = CrawlConfig()
+
+
+class DataPipelineConfig(StrictModel):
+    """``ogclip data pipeline``: ingest → dedup → quality filter → masks → captions → training shards."""
+
+    output_dir: Path = Path("outputs/data")
+    source: (SynthSourceConfig | FolderSourceConfig | ParquetSourceConfig | WebDatasetSourceConfig
+             | CrawlSourceConfig) = Field(
+        default_factory=SynthSourceConfig, discriminator="kind")
+    dedup: DedupConfig = DedupConfig()
+    quality: QualityFilterConfig = QualityFilterConfig()
+    masks: MaskConfig = MaskConfig()
+    captions: CaptionConfig = CaptionConfig()
+    writer: WriterConfig = WriterConfig()
+    ray_num_cpus: int | None = Field(default=None, ge=1, description="local Ray's CPUs (default: all)")
+
+
 def load_yaml_config(path: str | Path, schema: type[StrictModel]) -> StrictModel:
     """Read a YAML file and validate it against ``schema``; errors name the file and the offending keys."""
     path = Path(path)

@@ -1,17 +1,20 @@
-"""Synthetic target world: deterministic renders of targets whose look follows their attributes.
+"""Synthetic target world: deterministic renders of targets whose look follows their graph attributes.
 
-Each class is a set of visual attributes (silhouette, colour, size); a render draws the target's silhouette at a
-random pose and scale on a cluttered background (sky, sea or land, plus distractor shapes) and returns the image,
-its exact mask and the class. The same seed always gives the same pixels.
+A class is a set of visual attributes (silhouette, colour scheme, apparent size, paint pattern, accent colour),
+the same ones the knowledge graph stores as facts. A render draws the target's silhouette at a random pose, scale
+and lighting on a cluttered background (sky, sea or land, plus distractor shapes that may occlude it), sometimes
+small and far away (under 5% of the image, as for ships in the paper), and returns the image, its exact mask
+(occluded parts excluded) and the class. The same (class, seed, size) always gives the same pixels.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 
 # Silhouettes as polygons in unit coordinates (x right, y down, nose towards -y), roughly within [-1, 1]².
 SILHOUETTES: dict[str, list[tuple[float, float]]] = {
@@ -44,11 +47,16 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 
 SIZES: dict[str, float] = {"small": 0.22, "medium": 0.33, "large": 0.44}  # target length / image side
 
+PATTERNS = ("plain", "two-tone", "striped", "camouflage")
+
 BACKGROUNDS: dict[str, tuple[tuple[int, int, int], tuple[int, int, int]]] = {
     "sky": ((120, 170, 225), (205, 225, 245)),
     "sea": ((24, 70, 110), (60, 110, 140)),
     "land": ((90, 110, 60), (150, 140, 100)),
 }
+
+DISTANT_PROBABILITY = 0.15  # renders drawn far away, the target under 5% of the image
+OCCLUSION_PROBABILITY = 0.2
 
 
 @dataclass(frozen=True)
@@ -60,18 +68,52 @@ class TargetClass:
     silhouette: str
     colour: str
     size: str = "medium"
+    pattern: str = "plain"
+    accent: str = "black"
     backgrounds: tuple[str, ...] = ("sky", "land")
 
+    def __post_init__(self) -> None:
+        for value, allowed in ((self.silhouette, SILHOUETTES), (self.colour, COLOURS), (self.accent, COLOURS),
+                               (self.size, SIZES), (self.pattern, PATTERNS)):
+            if value not in allowed:
+                raise ValueError(f"{self.name}: {value!r} is not one of {sorted(allowed)}")
+        unknown = set(self.backgrounds) - set(BACKGROUNDS)
+        if unknown or not self.backgrounds:
+            raise ValueError(f"{self.name}: backgrounds must be among {sorted(BACKGROUNDS)}")
+
+    @classmethod
+    def from_facts(cls, row: dict[str, Any]) -> TargetClass:
+        """The class as the knowledge graph describes it (a row of ``ogclip_kg``'s class facts)."""
+        facts = {f["attribute"]: f["value"] for f in row["facts"]}
+        silhouette = facts["silhouette"]
+        return cls(
+            name=row["name"],
+            super_category=row["super_category"],
+            silhouette=silhouette,
+            colour=facts["colour"],
+            size=facts.get("size_class", "medium"),
+            pattern=facts.get("pattern", "plain"),
+            accent=facts.get("accent", "black"),
+            backgrounds=("sea",) if silhouette.endswith("hull") else ("sky", "land"),
+        )
+
+    def look(self) -> tuple[str, str, str, str, str]:
+        return (self.silhouette, self.colour, self.size, self.pattern, self.accent)
+
     def description(self) -> str:
-        """A natural-language description built only from the attributes (what zero-shot must rely on)."""
-        return f"a {self.size} {self.colour} {self.super_category} with a {self.silhouette} silhouette"
+        """A description built only from the visual attributes (what zero-shot must rely on)."""
+        paint = f"{self.pattern} {self.colour} and {self.accent}" if self.pattern != "plain" else f"plain {self.colour}"
+        return f"a {self.size} {self.super_category} with a {self.silhouette} silhouette, painted {paint}"
 
 
 @dataclass(frozen=True)
 class Render:
     image: Image.Image  # RGB
-    mask: np.ndarray  # uint8 {0, 255}, same height and width as the image
+    mask: np.ndarray  # uint8 {0, 255}: visible target pixels, same height and width as the image
     target: TargetClass
+    background: str
+    area: float  # visible target pixels / image pixels
+    occluded: bool
 
 
 def _background(rng: np.random.Generator, kind: str, size: int) -> Image.Image:
@@ -82,28 +124,74 @@ def _background(rng: np.random.Generator, kind: str, size: int) -> Image.Image:
     return image.filter(ImageFilter.GaussianBlur(radius=max(size / 128, 0.5)))
 
 
-def _distractors(rng: np.random.Generator, draw: ImageDraw.ImageDraw, size: int) -> None:
-    for _ in range(int(rng.integers(1, 5))):
-        x, y = rng.uniform(0, size, 2)
-        rx, ry = rng.uniform(size * 0.02, size * 0.12, 2)
-        shade = tuple(int(v) for v in rng.integers(40, 230, 3))
-        draw.ellipse([x - rx, y - ry, x + rx, y + ry], fill=shade)
+def _blob(rng: np.random.Generator, size: int) -> tuple[list[float], tuple[int, int, int]]:
+    x, y = rng.uniform(0, size, 2)
+    rx, ry = rng.uniform(size * 0.03, size * 0.12, 2)
+    return [x - rx, y - ry, x + rx, y + ry], tuple(int(v) for v in rng.integers(40, 230, 3))
+
+
+def _paint(target: TargetClass, rng: np.random.Generator, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Where the accent colour goes, in the target's own unit coordinates (u across, v nose to tail)."""
+    if target.pattern == "two-tone":
+        return v > 0.1
+    if target.pattern == "striped":
+        return (np.floor((v + 1.0) * 3.0) % 2) == 1
+    if target.pattern == "camouflage":
+        field = np.zeros_like(u)
+        for cu, cv in rng.uniform(-0.8, 0.8, (5, 2)):
+            field += np.exp(-((u - cu) ** 2 + (v - cv) ** 2) / 0.08)
+        return field > 0.6
+    return np.zeros_like(u, dtype=bool)
 
 
 def render(target: TargetClass, seed: int, size: int = 64) -> Render:
     """Draw one image of ``target``; deterministic in (target, seed, size)."""
     rng = np.random.default_rng(seed)
-    image = _background(rng, target.backgrounds[int(rng.integers(len(target.backgrounds)))], size)
+    background = target.backgrounds[int(rng.integers(len(target.backgrounds)))]
+    image = _background(rng, background, size)
     draw = ImageDraw.Draw(image)
-    _distractors(rng, draw, size)
-    scale = SIZES[target.size] * size * rng.uniform(0.85, 1.15) / 2
+    for _ in range(int(rng.integers(1, 4))):
+        box, shade = _blob(rng, size)
+        draw.ellipse(box, fill=shade)
+
+    distant = rng.random() < DISTANT_PROBABILITY
+    scale = SIZES[target.size] * size * rng.uniform(0.85, 1.15) / 2 * (0.4 if distant else 1.0)
     angle = rng.uniform(0, 2 * math.pi)
     cx, cy = rng.uniform(size * 0.3, size * 0.7, 2)
     cos, sin = math.cos(angle), math.sin(angle)
-    polygon = [(cx + scale * (x * cos - y * sin), cy + scale * (x * sin + y * cos)) for x, y in
-               SILHOUETTES[target.silhouette]]
-    base = np.array(COLOURS[target.colour], dtype=np.float32) * rng.uniform(0.8, 1.1)
-    draw.polygon(polygon, fill=tuple(int(v) for v in np.clip(base, 0, 255)))
-    mask_image = Image.new("L", (size, size), 0)
-    ImageDraw.Draw(mask_image).polygon(polygon, fill=255)
-    return Render(image=image, mask=np.asarray(mask_image), target=target)
+    polygon = [(cx + scale * (x * cos - y * sin), cy + scale * (x * sin + y * cos))
+               for x, y in SILHOUETTES[target.silhouette]]
+    silhouette = Image.new("L", (size, size), 0)
+    ImageDraw.Draw(silhouette).polygon(polygon, fill=255)
+    inside = np.asarray(silhouette) > 0
+
+    # Target pixels: body colour with the pattern in the accent colour, both under one lighting factor.
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    u = ((xs - cx) * cos + (ys - cy) * sin) / scale
+    v = (-(xs - cx) * sin + (ys - cy) * cos) / scale
+    accent = _paint(target, rng, u, v)
+    shade = rng.uniform(0.8, 1.1)
+    body = np.array(COLOURS[target.colour], dtype=np.float32) * shade
+    trim = np.array(COLOURS[target.accent], dtype=np.float32) * shade
+    pixels = np.asarray(image).astype(np.float32)
+    pixels[inside] = np.where(accent[inside][:, None], trim, body)
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+    mask, occluded = inside, False
+    if rng.random() < OCCLUSION_PROBABILITY:
+        # A distractor over part of the target; the mask keeps only what stays visible. An occluder that would
+        # hide most of the target is left out: the class must stay recognisable.
+        box, shade_rgb = _blob(rng, size)
+        centre = np.array([cx, cy]) + rng.uniform(-scale, scale, 2)
+        half = np.array([box[2] - box[0], box[3] - box[1]]) / 2
+        box = [centre[0] - half[0], centre[1] - half[1], centre[0] + half[0], centre[1] + half[1]]
+        cover = Image.new("L", (size, size), 0)
+        ImageDraw.Draw(cover).ellipse(box, fill=255)
+        visible = inside & (np.asarray(cover) == 0)
+        if visible.sum() >= 0.5 * inside.sum():
+            ImageDraw.Draw(image).ellipse(box, fill=shade_rgb)
+            mask, occluded = visible, True
+    image = ImageEnhance.Brightness(image).enhance(rng.uniform(0.75, 1.25))
+    mask_u8 = (mask * 255).astype(np.uint8)
+    return Render(image=image, mask=mask_u8, target=target, background=background,
+                  area=float(mask.mean()), occluded=occluded)
