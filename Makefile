@@ -25,6 +25,7 @@ bench: $(STAMP)
 	$(PY) bench/model.py
 	$(PY) bench/kg.py
 	$(PY) bench/data.py
+	$(PY) bench/train.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

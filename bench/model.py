@@ -20,9 +20,9 @@ from contextlib import nullcontext
 
 import open_clip
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from ogclip.device import resolve_device
+from ogclip.metrics import image_flops
 from ogclip.models import OGCLIP, create_model, list_models
 
 
@@ -64,10 +64,7 @@ def bench_model(name: str, device: torch.device, batch: int, min_seconds: float,
     images = torch.randn(batch, 3, size, size, device=device)
     masks = (torch.rand(batch, 1, size, size, device=device) > 0.5).float()
     with torch.no_grad(), autocast:
-        counter = FlopCounterMode(display=False)
-        with counter:
-            model.encode_image(images[:1], masks[:1])
-        flops = counter.get_total_flops()
+        flops = image_flops(model, size)
         ogclip_rate = _rate(lambda: model.encode_image(images, masks), batch, device, min_seconds)
         base_rate = _rate(lambda: base(images), batch, device, min_seconds)
     limit = peak / flops

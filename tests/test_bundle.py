@@ -29,8 +29,10 @@ def test_round_trip_gives_identical_embeddings(exported: ogclip.BundleInfo, micr
         for dim in (16, 128):
             assert torch.equal(model.encode_image(images, masks, dim=dim),
                                micro_minilm.encode_image(images, masks, dim=dim))
-            assert torch.equal(model.encode_text(["a grey fighter"], dim=dim),
-                               micro_minilm.encode_text(["a grey fighter"], dim=dim))
+            # The frozen text output is cached per token row, computed in whatever batch first held the row: equal
+            # up to float rounding of the batched matmuls.
+            torch.testing.assert_close(model.encode_text(["a grey fighter"], dim=dim),
+                                       micro_minilm.encode_text(["a grey fighter"], dim=dim), rtol=0, atol=1e-5)
 
 
 def test_version_is_a_content_hash(tmp_path: Path, exported: ogclip.BundleInfo, micro_minilm: ogclip.OGCLIP) -> None:

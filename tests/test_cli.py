@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -36,19 +37,52 @@ def test_models_lists_every_registered_architecture() -> None:
 
 def test_bad_config_is_a_clear_error(tmp_path: Path) -> None:
     bad = tmp_path / "demo.yaml"
-    bad.write_text("model: og-clip-tiny\nsteps: 3\n")
+    bad.write_text("output_dir: x\nsteps: 3\n")
     result = run("demo", "--config", str(bad))
     assert result.returncode == 2
     assert "steps" in result.stderr and "Traceback" not in result.stderr
 
 
+TINY_DEMO = """
+ray_num_cpus: 2
+ablation: false
+train_data:
+  source: {kind: synth, class_set: train, max_classes: 4, per_class: 4, image_size: 64}
+  quality: {enabled: false}
+test_data:
+  source: {kind: synth, class_set: test, max_classes: 5, per_class: 2, image_size: 64, seed: 1}
+  quality: {enabled: false}
+train:
+  name: tiny
+  model: og-clip-tiny
+  train: {lr: 5.0e-4, min_lr: 5.0e-5, warmup_steps: 1, steps: 4, batch_size: 8}
+  num_workers: 1
+  cpus_per_worker: 1.0
+  checkpoint_every: 2
+  export_class_sets: [test]
+  cache_decoded: true
+"""
+
+
 @pytest.mark.slow
-def test_demo_runs_end_to_end(tmp_path: Path) -> None:
-    result = run("demo", "--steps", "3", "--output-dir", str(tmp_path / "demo"))
-    assert result.returncode == 0, result.stderr
-    for step in range(1, 7):
-        assert f"[{step}/6]" in result.stdout
-    summary = json.loads((tmp_path / "demo" / "demo.json").read_text())
-    assert summary["fresh_mask_gap"] == 0.0 and summary["reload_identical"] is True
-    assert len(summary["history"]) == 3 and summary["model_version"].startswith("ogc-")
-    ogclip.load_bundle(tmp_path / "demo" / "bundle", expected_version=summary["model_version"], device="cpu")
+def test_demo_runs_end_to_end(tmp_path: Path, kg_settings) -> None:
+    """The main job on a tiny world against the test session's graph server: every step, a bundle, class
+    embeddings in the graph for its version, and an evaluation report."""
+    config = tmp_path / "demo.yaml"
+    config.write_text(TINY_DEMO)
+    env = {**os.environ, "OGCLIP_HOME": str(kg_settings.home), "OGCLIP_KG_BOLT_PORT": str(kg_settings.kg_bolt_port),
+           "OGCLIP_KG_HTTP_PORT": str(kg_settings.kg_http_port)}
+    env.pop("OGCLIP_NEO4J_URI", None)
+    out = tmp_path / "demo"
+    result = subprocess.run([*OGCLIP, "demo", "--config", str(config), "--output-dir", str(out)], env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for step in range(1, 6):
+        assert f"[{step}/5]" in result.stdout
+    summary = json.loads((out / "demo.json").read_text())
+    assert summary["fresh_mask_gap"] == 0.0 and summary["train"]["final_metrics"]["step"] == 4
+    version = summary["train"]["model_version"]
+    assert version.startswith("ogc-") and summary["eval"]["model_version"] == version
+    assert summary["train"]["class_embeddings"] >= 5 + 4
+    assert 0.0 <= summary["eval"]["macc"] <= 1.0 and (out / "eval" / "report.md").exists()
+    ogclip.load_bundle(summary["train"]["bundle"], expected_version=version, device="cpu")

@@ -11,12 +11,21 @@ from pathlib import Path
 
 import pytest
 
-from ogclip.config import DataPipelineConfig, DemoConfig, load_yaml_config
+from ogclip.config import (
+    AblationConfig,
+    DataPipelineConfig,
+    DemoConfig,
+    EvalConfig,
+    TrainJobConfig,
+    load_yaml_config,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # Every YAML config the project ships, and the schema it must satisfy.
-CONFIG_SCHEMAS = {"infra/configs/demo.yaml": DemoConfig, "infra/configs/demo-data.yaml": DataPipelineConfig}
+CONFIG_SCHEMAS = {"infra/configs/demo.yaml": DemoConfig, "infra/configs/demo-data.yaml": DataPipelineConfig,
+                  "infra/configs/train-cpu.yaml": TrainJobConfig, "infra/configs/ablation-cpu.yaml": AblationConfig,
+                  "infra/configs/eval-cpu.yaml": EvalConfig}
 
 
 def test_platform_is_the_standard_library_module() -> None:
@@ -46,6 +55,6 @@ def test_every_shipped_yaml_config_is_validated() -> None:
 
 def test_yaml_config_rejects_unknown_keys(tmp_path: Path) -> None:
     bad = tmp_path / "demo.yaml"
-    bad.write_text("model: og-clip-tiny\ntrain:\n  lr: 1.0e-4\n  stpes: 10\n")
+    bad.write_text("train:\n  train:\n    lr: 1.0e-4\n    stpes: 10\n")
     with pytest.raises(ValueError, match="stpes"):
         load_yaml_config(bad, DemoConfig)

@@ -43,12 +43,43 @@ def _demo(args: argparse.Namespace) -> int:
     from ogclip_jobs.demo import run_demo  # torch-heavy; keep `ogclip --help` fast
 
     cfg = load_yaml_config(args.config, DemoConfig) if args.config else DemoConfig()
-    updates = {"device": args.device} if args.device else {}
+    updates: dict = {}
     if args.output_dir:
         updates["output_dir"] = args.output_dir
     if args.steps:
-        updates["train"] = cfg.train.model_copy(update={"steps": args.steps})
-    run_demo(DemoConfig.model_validate({**cfg.model_dump(), **updates}))
+        updates["train"] = cfg.train.model_copy(update={"train": cfg.train.train.model_copy(
+            update={"steps": args.steps})})
+    if args.no_ablation:
+        updates["ablation"] = False
+    run_demo(cfg.model_copy(update=updates))
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from ogclip.config import TrainJobConfig
+    from ogclip_jobs.train import run_training
+
+    cfg = load_yaml_config(args.config, TrainJobConfig) if args.config else TrainJobConfig()
+    if args.steps:
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": args.steps})})
+    _, summary = run_training(cfg)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from ogclip.config import AblationConfig, EvalConfig
+    from ogclip_jobs.evaluate import run_ablation, run_evaluation
+
+    if args.eval_command == "ablation":
+        if not args.config:
+            raise ValueError("`eval ablation` needs --config, e.g. infra/configs/ablation-cpu.yaml")
+        run_ablation(load_yaml_config(args.config, AblationConfig))
+        return 0
+    cfg = load_yaml_config(args.config, EvalConfig) if args.config else EvalConfig()
+    if args.bundle:
+        cfg = cfg.model_copy(update={"bundle": args.bundle})
+    run_evaluation(cfg)
     return 0
 
 
@@ -164,10 +195,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="run the main job end to end on the embedded defaults")
     demo.add_argument("--config", type=Path, help="demo YAML (default: built-in defaults)")
-    demo.add_argument("--device", help="torch device, default 'auto'")
-    demo.add_argument("--steps", type=int, help="override the number of training steps")
-    demo.add_argument("--output-dir", type=Path, help="where figures and the bundle go")
+    demo.add_argument("--steps", type=int, help="override the number of training steps (every model)")
+    demo.add_argument("--output-dir", type=Path, help="where data, runs, reports and the bundle go")
+    demo.add_argument("--no-ablation", action="store_true", help="skip training the ablation's other models")
     demo.set_defaults(func=_demo)
+
+    train = commands.add_parser("train", help="train OG-CLIP with Ray Train, then export bundle + class embeddings")
+    train.add_argument("--config", type=Path, help="training YAML, e.g. infra/configs/train-cpu.yaml")
+    train.add_argument("--steps", type=int, help="override train.steps")
+    train.set_defaults(func=_train)
+
+    evaluate = commands.add_parser("eval", help="zero-shot evaluation on the unseen classes; `eval ablation`")
+    evaluate.add_argument("eval_command", nargs="?", choices=["ablation"], help="run the ablation instead")
+    evaluate.add_argument("--config", type=Path, help="EvalConfig YAML (AblationConfig for `eval ablation`)")
+    evaluate.add_argument("--bundle", type=Path, help="the bundle to evaluate (overrides the config)")
+    evaluate.set_defaults(func=_eval)
     data = commands.add_parser("data", help="the curation pipeline on Ray Data")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     data.set_defaults(func=_data)
@@ -209,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     prompts.add_argument("--limit", type=int, default=5)
     prompts.add_argument("--seed", type=int, default=0)
     prompts.add_argument("--vlm", action="store_true", help="also print the captioning (VLM) prompt")
+
     return parser
 
 

@@ -1,161 +1,98 @@
-"""The main job on embedded defaults: build a small OG-CLIP, check its plug-and-play property, train it on the
-synthetic target world, evaluate zero-shot classification at every embedding size, export and re-load a bundle."""
+"""The main job on the embedded defaults, end to end: the knowledge graph, the synthetic world through the curation
+pipeline, OG-CLIP on Ray Train, zero-shot evaluation on unseen classes, the ablation, and the export to serving."""
 
 from __future__ import annotations
 
 import json
 import time
 from collections.abc import Callable
-from itertools import product
+from pathlib import Path
+from typing import Any
 
 import torch
-from torch import Tensor
 
-from ogclip.bundle import export_bundle, load_bundle
-from ogclip.config import DemoConfig
-from ogclip.device import resolve_device
-from ogclip.metrics import mean_class_accuracy, zero_shot_predict
-from ogclip.models import OGCLIP, create_model
-from ogclip.synth import TargetClass, render
-from ogclip.transforms import image_mask_transform
-from ogclip_jobs.train import build_optimizer, train_step
+from ogclip.config import AblationConfig, DemoConfig
+from ogclip.models import create_model
+from ogclip_jobs.data.pipeline import run_pipeline
+from ogclip_jobs.evaluate import VARIANTS, run_ablation, run_evaluation
+from ogclip_jobs.runtime import ensure_ray, open_graph
+from ogclip_jobs.train import run_training
 
-DEMO_SILHOUETTES = {
-    "delta wing": "military aircraft",
-    "swept wing": "military aircraft",
-    "flying wing": "military aircraft",
-    "rotorcraft": "military aircraft",
-    "straight wing": "civilian aircraft",
-    "carrier hull": "warship",
-    "destroyer hull": "warship",
-    "cargo hull": "civilian ship",
-}
-DEMO_COLOURS = ("grey", "dark green", "white")
+SHARDS = Path("stages/shards/parquet")
 
 
-def demo_classes() -> list[TargetClass]:
-    """Every demo silhouette in every demo colour; ships are drawn on sea, aircraft on sky or land."""
-    return [
-        TargetClass(
-            name=f"{colour} {silhouette} {category}",
-            super_category=category,
-            silhouette=silhouette,
-            colour=colour,
-            backgrounds=("sea",) if "hull" in silhouette else ("sky", "land"),
-        )
-        for (silhouette, category), colour in product(DEMO_SILHOUETTES.items(), DEMO_COLOURS)
-    ]
-
-
-def render_set(model: OGCLIP, classes: list[TargetClass], per_class: int, seed: int, train: bool
-               ) -> tuple[Tensor, Tensor, Tensor]:
-    """Images, masks and labels for ``per_class`` renders of each class, preprocessed for ``model``."""
-    transform = image_mask_transform(model.cfg.preprocess, train=train)
+def plug_and_play_gap(model_name: str) -> float:
+    """Max |Δ| between a fresh OG-CLIP's embeddings with and without a mask: 0 because the ROI conv starts at 0."""
+    model = create_model(model_name, device="cpu").eval()
     size = model.cfg.image_size
-    images, masks, labels = [], [], []
-    for label, target in enumerate(classes):
-        for i in range(per_class):
-            sample = render(target, seed=seed * 1_000_003 + label * 10_007 + i, size=size)
-            image, mask = transform(sample.image, sample.mask)
-            images.append(image)
-            masks.append(mask)
-            labels.append(label)
-    return torch.stack(images), torch.stack(masks), torch.tensor(labels)
-
-
-@torch.no_grad()
-def zero_shot_report(model: OGCLIP, prompts: list[str], images: Tensor, masks: Tensor, labels: Tensor
-                     ) -> dict[int, float]:
-    """mAcc of zero-shot classification against ``prompts`` at every granularity."""
-    model.eval()
-    device = model.device
-    image_features = model.image_features(images.to(device), masks.to(device))
-    text_features = model.text_features(prompts)
-    report = {}
-    for dim in model.dims:
-        image_emb = torch.nn.functional.normalize(image_features[:, :dim], dim=-1)
-        text_emb = torch.nn.functional.normalize(text_features[:, :dim], dim=-1)
-        predictions = zero_shot_predict(image_emb, text_emb)
-        report[dim] = mean_class_accuracy(predictions, labels.to(device), len(prompts))
-    return report
-
-
-def _format_report(report: dict[int, float]) -> str:
-    return "  ".join(f"{dim}d {100 * acc:5.1f}%" for dim, acc in report.items())
-
-
-def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict:
-    """Run the demo and return its figures (also written to ``output_dir/demo.json``)."""
-    torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
-    out_dir = cfg.output_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    summary: dict = {"model": cfg.model, "device": str(device)}
-
-    log(f"[1/6] building {cfg.model} on {device}")
-    model = create_model(cfg.model, device=device)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    log(f"      {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable (text transformer frozen); "
-        f"embedding sizes {model.dims}")
-    summary.update(params=total, trainable_params=trainable)
-
-    classes = demo_classes()
-    prompts = [f"a photo of {target.description()}" for target in classes]
-    log(f"[2/6] rendering {len(classes)} target classes × {cfg.images_per_class} training images "
-        f"and × {cfg.eval_images_per_class} held-out images")
-    started = time.perf_counter()
-    train_images, train_masks, train_labels = render_set(model, classes, cfg.images_per_class, cfg.seed, True)
-    eval_images, eval_masks, eval_labels = render_set(model, classes, cfg.eval_images_per_class, cfg.seed + 1, False)
-    log(f"      {len(train_labels) + len(eval_labels)} images with exact masks in {time.perf_counter() - started:.1f}s")
-
+    images = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0))
+    masks = (torch.rand(4, 1, size, size, generator=torch.Generator().manual_seed(1)) > 0.5).float()
     with torch.no_grad():
-        model.eval()
-        sample_images, sample_masks = eval_images[:8].to(device), eval_masks[:8].to(device)
-        gap = (model.encode_image(sample_images, sample_masks) - model.encode_image(sample_images)).abs().max()
-    log(f"[3/6] plug-and-play: fresh OG-CLIP with vs without masks, max |Δembedding| = {float(gap):.1e}")
-    summary["fresh_mask_gap"] = float(gap)
+        return float((model.encode_image(images, masks) - model.encode_image(images)).abs().max())
 
-    before = zero_shot_report(model, prompts, eval_images, eval_masks, eval_labels)
-    log(f"[4/6] mAcc of held-out images against the class prompts before training "
-        f"(chance {100 / len(classes):.1f}%): {_format_report(before)}")
 
-    log(f"[5/6] training {cfg.train.steps} steps, batch {cfg.train.batch_size}, "
-        f"lr {cfg.train.lr} (warm-up {cfg.train.warmup_steps}, cosine), r_s {cfg.train.hybrid_ratio}")
-    optimizer = build_optimizer(model, cfg.train)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    tokens = model.tokenize(prompts)
-    history = []
+def wire(cfg: DemoConfig) -> DemoConfig:
+    """Point every stage's inputs and outputs at folders under ``output_dir``."""
+    out = cfg.output_dir
+    train_data = cfg.train_data.model_copy(update={"output_dir": out / "data-train"})
+    test_data = cfg.test_data.model_copy(update={"output_dir": out / "data-test"})
+    train = cfg.train.model_copy(update={"data": train_data.output_dir / SHARDS, "output_dir": out / "train",
+                                         "prompts": "kg", "visual_prompt": "roi"})
+    evaluation = cfg.eval.model_copy(update={"bundle": out / "train" / train.name / "bundle",
+                                             "data": test_data.output_dir / SHARDS, "output_dir": out / "eval",
+                                             "prompts": "kg", "visual_prompt": "roi"})
+    return cfg.model_copy(update={"train_data": train_data, "test_data": test_data, "train": train,
+                                  "eval": evaluation})
+
+
+def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every step, print what it does, and return the figures (also in ``output_dir/demo.json``)."""
+    cfg = wire(cfg)
     started = time.perf_counter()
-    for step in range(cfg.train.steps):
-        index = torch.randint(len(train_labels), (cfg.train.batch_size,), generator=generator)
-        labels = train_labels[index].to(device)
-        terms = train_step(model, optimizer, step, cfg.train, train_images[index].to(device),
-                           train_masks[index].to(device), tokens[labels], labels, generator)
-        elapsed = time.perf_counter() - started
-        rate = (step + 1) * cfg.train.batch_size / elapsed
-        history.append({"step": step + 1, **terms.as_dict(), "samples_per_s": rate})
-        if step % 10 == 0 or step + 1 == cfg.train.steps:
-            eta = elapsed / (step + 1) * (cfg.train.steps - step - 1)
-            logged = history[-1]
-            log(f"      step {step + 1:4d}/{cfg.train.steps}  loss {logged['loss']:.3f} "
-                f"(clip {logged['loss_clip']:.3f} mrl {logged['loss_mrl']:.3f} bpa {logged['loss_bpa']:.3f})  "
-                f"{rate:.0f} samples/s  ETA {eta:.0f}s")
-    summary.update(train_seconds=time.perf_counter() - started, history=history)
+    summary: dict[str, Any] = {}
+    steps = 6 if cfg.ablation else 5
 
-    after = zero_shot_report(model, prompts, eval_images, eval_masks, eval_labels)
-    log(f"      mAcc after training: {_format_report(after)}")
-    log(f"      dimension attention α: {[round(float(a), 3) for a in model.mrl.alpha]}")
-    summary.update(macc_before=before, macc_after=after)
+    def step(i: int, text: str) -> None:
+        log(f"\n[{i}/{steps}] {text}  (t+{time.perf_counter() - started:.0f}s)")
 
-    bundle = export_bundle(model, out_dir / "bundle")
-    reloaded, info = load_bundle(bundle.path, expected_version=bundle.model_version, device=device)
-    with torch.no_grad():
-        model.eval()
-        same = torch.equal(model.encode_image(sample_images, sample_masks),
-                           reloaded.encode_image(sample_images, sample_masks))
-    log(f"[6/6] exported bundle {info.model_version} to {bundle.path}; re-loaded, identical embeddings: {same}")
-    summary.update(model_version=info.model_version, bundle=str(bundle.path), reload_identical=same)
-    (out_dir / "demo.json").write_text(json.dumps(summary, indent=2, default=str))
-    log(f"      figures in {out_dir / 'demo.json'}")
+    step(1, "knowledge graph: start the embedded server if needed, seed it if empty")
+    with open_graph() as store:
+        counts = store.counts()
+    log("      " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    ensure_ray(cfg.ray_num_cpus)
+    gap = plug_and_play_gap(cfg.train.model)
+    log(f"      plug-and-play: a fresh {cfg.train.model} with vs without a mask differs by {gap:.1e} (ROI starts at 0)")
+    summary.update(graph=counts, fresh_mask_gap=gap)
+
+    step(2, "curation pipeline on Ray Data: the synthetic world's train classes and its unseen test classes")
+    for name, data in (("train", cfg.train_data), ("test", cfg.test_data)):
+        records = run_pipeline(data, log=lambda line: log(f"      {line}"))
+        summary[f"data_{name}"] = {stage: {k: v for k, v in r.items() if not isinstance(v, (dict, list))}
+                                   for stage, r in records.items()}
+
+    step(3, f"OG-CLIP on Ray Train: {cfg.train.train.steps} steps, then export the bundle and class embeddings")
+    model, trained = run_training(cfg.train, log)
+    summary["train"] = trained
+
+    step(4, "zero-shot evaluation of the exported bundle on the unseen test classes")
+    report = run_evaluation(cfg.eval, log)
+    summary["eval"] = {k: report[k] for k in ("model_version", "macc", "macc_by_dim", "per_super_category", "cost")}
+
+    if cfg.ablation:
+        step(5, f"ablation: {len(VARIANTS) - 1} more models with the same budget (the OG-CLIP row is step 3's)")
+        ablation = run_ablation(AblationConfig(train=cfg.train, eval=cfg.eval, output_dir=cfg.output_dir / "ablation"),
+                                log, trained={"+Adaptive MRL (OG-CLIP)": model})
+        summary["ablation"] = {name: {"macc": r["macc"], "macc_by_dim": r["macc_by_dim"]}
+                               for name, r in ablation.items()}
+
+    step(steps, "the serving contract: the bundle and its class embeddings, read back from the graph")
+    with open_graph() as store:
+        stored = store.read_embeddings(trained["model_version"])
+    log(f"      model version {trained['model_version']}: {len(stored)} class embeddings of "
+        f"{len(next(iter(stored.values())))} dims in the graph; bundle at {trained['bundle']}")
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    (cfg.output_dir / "demo.json").write_text(json.dumps(summary, indent=2, default=str))
+    log(f"\ndone in {summary['seconds']:.0f}s. Outputs under {cfg.output_dir}/: data-train/ data-test/ (shards), "
+        f"train/{cfg.train.name}/ (checkpoints, metrics.jsonl, bundle/), eval/report.md"
+        + (", ablation/ablation.md" if cfg.ablation else "") + ", demo.json")
     return summary

@@ -17,7 +17,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=num_cpus, include_dashboard=False)
     # Ray 2.60's V2 file readers list files in a task that asks for a whole CPU and cannot be told otherwise;
     # beside a stage actor or a training worker on a small Ray it never schedules and the job hangs.
     ray.data.DataContext.get_current().use_datasource_v2 = False

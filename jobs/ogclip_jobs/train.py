@@ -1,20 +1,45 @@
-"""The OG-CLIP training step and its optimiser, as the paper specifies them.
+"""OG-CLIP training: the paper's step and optimiser, run by Ray Train over the curation pipeline's shards.
 
 AdamW (decoupled weight decay on matrices only, as open_clip does: gains, biases and the logit scale are not
 decayed), linear warm-up then cosine decay to ``min_lr``, global grad-norm clipping, and hybrid sampling: a share
 ``hybrid_ratio`` of batches replaces the masks with all ones so the model keeps its global view.
+
+The job (:func:`run_training`): Ray Data decodes the Parquet shards and streams them into each worker's
+``get_dataset_shard``; a ``TorchTrainer`` runs :func:`train_loop` on every worker (gloo on CPU, NCCL on GPU, bf16
+autocast on GPU); rank 0 checkpoints every ``checkpoint_every`` steps and a failed worker restarts the group from
+the latest checkpoint (``FailureConfig``). The best checkpoint becomes an export bundle and every class's prompts
+are embedded and written to the graph under the bundle's model version, the contract with serving.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import math
+import random
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
+import numpy as np
+import ray
+import ray.train
 import torch
+from PIL import Image
 from torch import Tensor
 
-from ogclip.config import TrainConfig
+from ogclip.bundle import export_bundle
+from ogclip.config import PromptMode, TrainConfig, TrainJobConfig
 from ogclip.losses import LossTerms, og_clip_loss
-from ogclip.models import OGCLIP
+from ogclip.models import OGCLIP, create_model, load_checkpoint, save_checkpoint
+from ogclip.transforms import apply_visual_prompt, decode_image, image_mask_transform
+from ogclip.zeroshot import class_embeddings
+
+WEIGHTS = "model.safetensors"
+STATE = "train_state.pt"
 
 
 def build_optimizer(model: OGCLIP, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -45,7 +70,7 @@ def hybrid_masks(masks: Tensor, ratio: float, generator: torch.Generator) -> Ten
 
 
 def train_step(
-    model: OGCLIP,
+    model: OGCLIP | torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     step: int,
     cfg: TrainConfig,
@@ -54,15 +79,314 @@ def train_step(
     texts: Tensor,
     labels: Tensor | None,
     generator: torch.Generator,
+    autocast_dtype: torch.dtype | None = None,
 ) -> LossTerms:
-    """One optimisation step on a batch (``texts`` as token ids); returns the loss terms."""
+    """One optimisation step on a batch (``texts`` as token ids); returns the loss terms.
+
+    ``model`` may be the DDP wrapper of an OG-CLIP (the loss reads the Matryoshka head from the inner module);
+    ``autocast_dtype`` runs the forward pass under autocast (bf16 on GPU).
+    """
+    inner: OGCLIP = getattr(model, "module", model)
     model.train()
     for group in optimizer.param_groups:
         group["lr"] = learning_rate(step, cfg)
     masks = hybrid_masks(masks, cfg.hybrid_ratio, generator)
-    terms = og_clip_loss(model(images, texts, masks), model.mrl, labels)
+    autocast = (torch.autocast(images.device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                else contextlib.nullcontext())
+    with autocast:
+        out = model(images, texts, masks)
+    out = {k: v.float() for k, v in out.items()}  # the losses in fp32: softmax over the batch is precision-hungry
+    terms = og_clip_loss(out, inner.mrl, labels)
     optimizer.zero_grad(set_to_none=True)
     terms.total.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
     optimizer.step()
     return terms
+
+
+# -- prompts ---------------------------------------------------------------------------------------------------
+
+
+def prompts_for(rows: Sequence[Mapping[str, Any]], mode: PromptMode, seed: int = 0) -> dict[str, list[str]]:
+    """Each class's text prompts: every graph template for ``kg`` (KG-Aug), the label template only for ``label``.
+
+    ``rows`` are :func:`ogclip_kg.prompts.fetch_class_facts` rows.
+    """
+    from ogclip_kg.prompts import class_prompts
+
+    out = {}
+    for row in rows:
+        templates = class_prompts(dict(row), seed)
+        out[row["key"]] = [templates["label"]] if mode == "label" else list(dict.fromkeys(templates.values()))
+    return out
+
+
+def sample_texts(labels: Sequence[str], captions: Sequence[Any], prompts: Mapping[str, Sequence[str]],
+                 mode: PromptMode, rng: random.Random) -> list[str]:
+    """One training text per image: a random prompt of its class, or (KG-Aug) its own caption half the time."""
+    texts = []
+    for label, caption in zip(labels, captions, strict=True):
+        if mode == "kg" and isinstance(caption, str) and caption and rng.random() < 0.5:
+            texts.append(caption)
+        else:
+            texts.append(rng.choice(list(prompts[label])))
+    return texts
+
+
+# -- data ------------------------------------------------------------------------------------------------------
+
+
+class DecodeForTraining:
+    """Ray Data stage: PNG image and mask bytes → normalised (3,S,S) image and (1,S,S) mask, with the training
+    augmentation drawn jointly for both; rows of classes the run does not know are dropped."""
+
+    def __init__(self, preprocess: dict[str, Any], classes: Sequence[str], train: bool = True) -> None:
+        from ogclip.config import PreprocessConfig
+
+        self.transform = image_mask_transform(PreprocessConfig.model_validate(preprocess), train=train)
+        self.size = int(preprocess["image_size"])
+        self.index = {key: i for i, key in enumerate(classes)}
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        images, masks, labels, keys, captions = [], [], [], [], []
+        for i, label in enumerate(batch["label"]):
+            if str(label) not in self.index:
+                continue
+            mask = batch["mask"][i]
+            mask_image = Image.open(io.BytesIO(bytes(mask))).convert("L") if mask is not None and len(mask) else None
+            image, mask_t = self.transform(decode_image(bytes(batch["image"][i])), mask_image)
+            images.append(image.numpy())
+            masks.append(mask_t.numpy())
+            labels.append(self.index[str(label)])
+            keys.append(str(label))
+            captions.append(str(batch["caption"][i] or ""))
+        s = self.size
+        return {"image": np.stack(images) if images else np.zeros((0, 3, s, s), np.float32),
+                "mask": np.stack(masks) if masks else np.zeros((0, 1, s, s), np.float32),
+                "label": np.asarray(labels, dtype=np.int64), "key": np.asarray(keys, dtype=object),
+                "caption": np.asarray(captions, dtype=object)}
+
+
+def training_dataset(cfg: TrainJobConfig, preprocess: dict[str, Any], classes: Sequence[str]) -> ray.data.Dataset:
+    """The shards as a streaming Ray Dataset of decoded, augmented training rows."""
+    if not Path(cfg.data).exists():
+        raise FileNotFoundError(f"training data {cfg.data} does not exist; run `ogclip data pipeline` first")
+    columns = ["image", "mask", "label", "caption"]
+    ds = ray.data.read_parquet(str(cfg.data), columns=columns, num_cpus=cfg.data_cpus).map_batches(
+        DecodeForTraining, fn_constructor_kwargs={"preprocess": preprocess, "classes": list(classes)},
+        batch_size=64, num_cpus=cfg.data_cpus, concurrency=1, batch_format="numpy")
+    return ds.materialize() if cfg.cache_decoded else ds
+
+
+def data_labels(path: Path) -> list[str]:
+    """The distinct class keys of a shard folder (read from the label column only)."""
+    import pyarrow.parquet as pq
+
+    files = sorted(Path(path).rglob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"no Parquet shards under {path}")
+    return sorted({str(v) for f in files for v in pq.read_table(f, columns=["label"]).column("label").to_pylist()})
+
+
+# -- the training loop (runs on every Ray Train worker) ---------------------------------------------------------
+
+
+def build_model(cfg: TrainJobConfig, device: str | torch.device = "cpu") -> OGCLIP:
+    """The run's model: the registry architecture, the MRL override, the optional local checkpoint."""
+    overrides = {"mrl": {"weighting": cfg.mrl}} if cfg.mrl else {}
+    return create_model(cfg.model, pretrained=cfg.pretrained, device=device, **overrides)
+
+
+def _save(model: OGCLIP, optimizer: torch.optim.Optimizer, step: int, loss_ema: float, folder: Path) -> None:
+    save_checkpoint(model, folder / WEIGHTS)
+    torch.save({"optimizer": optimizer.state_dict(), "step": step, "loss_ema": loss_ema}, folder / STATE)
+
+
+def _restore(model: OGCLIP, optimizer: torch.optim.Optimizer, folder: Path) -> tuple[int, float]:
+    load_checkpoint(model, folder / WEIGHTS)
+    state = torch.load(folder / STATE, weights_only=True, map_location=model.device)
+    optimizer.load_state_dict(state["optimizer"])
+    return int(state["step"]), float(state["loss_ema"])
+
+
+def _autocast_dtype(cfg: TrainJobConfig, device: torch.device) -> torch.dtype | None:
+    if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """The per-worker loop: resume, stream batches, step, log, checkpoint, until ``train.steps``."""
+    import ray.train.torch
+
+    cfg = TrainJobConfig.model_validate(config["job"])
+    prompts: dict[str, list[str]] = config["prompts"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(max(1, math.ceil(cfg.cpus_per_worker)))
+    torch.manual_seed(cfg.seed)
+    device = ray.train.torch.get_device()
+    model = build_model(cfg, device)
+    if cfg.grad_checkpointing:
+        model.visual.set_grad_checkpointing(True)
+    optimizer = build_optimizer(model, cfg.train)
+    step, loss_ema = 0, float("nan")
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            step, loss_ema = _restore(model, optimizer, Path(folder))
+        if rank == 0:
+            print(f"resumed from step {step} ({checkpoint.path})", flush=True)
+            with (Path(config["run_dir"]) / "metrics.jsonl").open("a") as handle:
+                handle.write(json.dumps({"event": "resumed", "step": step, "time": time.time()}) + "\n")
+    wrapped = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
+    autocast_dtype = _autocast_dtype(cfg, device)
+    generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank + step)  # a resumed run draws afresh
+    rng = random.Random(cfg.seed * 1000 + rank + step)
+    shard = ray.train.get_dataset_shard("train")
+    log_path = Path(config["run_dir"]) / "metrics.jsonl"
+    started, steps_here = time.perf_counter(), 0
+    batch_size = cfg.train.batch_size
+    while step < cfg.train.steps:
+        for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True):
+            images = torch.from_numpy(batch["image"]).to(device)
+            masks = torch.from_numpy(batch["mask"]).to(device)
+            images, masks = apply_visual_prompt(images, masks, cfg.visual_prompt, model.cfg.preprocess)
+            labels = torch.from_numpy(batch["label"]).to(device)
+            texts = model.tokenize(sample_texts(batch["key"], batch["caption"], prompts, cfg.prompts, rng))
+            terms = train_step(wrapped, optimizer, step, cfg.train, images, masks, texts, labels, generator,
+                               autocast_dtype)
+            step += 1
+            steps_here += 1
+            loss = float(terms.total.detach())
+            loss_ema = loss if math.isnan(loss_ema) else 0.95 * loss_ema + 0.05 * loss
+            if step % cfg.log_every and step % cfg.checkpoint_every and step < cfg.train.steps:
+                continue
+            elapsed = time.perf_counter() - started
+            rate = steps_here * batch_size * world / elapsed
+            metrics = {"step": step, **terms.as_dict(), "loss_ema": loss_ema, "lr": learning_rate(step - 1, cfg.train),
+                       "samples_per_s": rate, "workers": world, "time": time.time()}
+            if rank == 0:
+                eta = (cfg.train.steps - step) * batch_size * world / max(rate, 1e-9)
+                print(f"step {step:5d}/{cfg.train.steps}  loss {loss:.3f} (ema {loss_ema:.3f}, clip "
+                      f"{metrics['loss_clip']:.3f}, mrl {metrics['loss_mrl']:.3f}, bpa {metrics['loss_bpa']:.3f})  "
+                      f"lr {metrics['lr']:.2e}  {rate:.0f} samples/s  ETA {eta:.0f}s", flush=True)
+                with log_path.open("a") as handle:
+                    handle.write(json.dumps(metrics) + "\n")
+            if step % cfg.checkpoint_every == 0 or step >= cfg.train.steps:
+                with tempfile.TemporaryDirectory() as folder:
+                    if rank == 0:
+                        _save(model, optimizer, step, loss_ema, Path(folder))
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder)
+                                     if rank == 0 else None)
+            else:
+                ray.train.report(metrics)
+            if step >= cfg.train.steps:
+                break
+
+
+# -- the job (driver side) ---------------------------------------------------------------------------------------
+
+
+def _use_gpu(cfg: TrainJobConfig) -> bool:
+    if cfg.use_gpu == "auto":
+        return ray.cluster_resources().get("GPU", 0) >= cfg.num_workers
+    return bool(cfg.use_gpu)
+
+
+def fit(cfg: TrainJobConfig, prompts: dict[str, list[str]], classes: list[str]) -> ray.train.Result:
+    """Run the TorchTrainer; a run folder that already holds checkpoints is resumed, not restarted."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    run_dir = (cfg.output_dir / cfg.name).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    preprocess = build_model_config_preprocess(cfg)
+    use_gpu = _use_gpu(cfg)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"job": cfg.model_dump(mode="json"), "prompts": prompts, "run_dir": str(run_dir)},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu
+                                                                                          else {})}),
+        datasets={"train": training_dataset(cfg, preprocess, classes)},
+        run_config=RunConfig(
+            name="ray", storage_path=str(run_dir),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
+                                               checkpoint_score_attribute="loss_ema",
+                                               checkpoint_score_order="min"),
+        ),
+    )
+    return trainer.fit()
+
+
+def build_model_config_preprocess(cfg: TrainJobConfig) -> dict[str, Any]:
+    """The preprocessing of the run's architecture, without building the model."""
+    from ogclip.models import get_model_config
+
+    overrides = {"mrl": {"weighting": cfg.mrl}} if cfg.mrl else {}
+    return get_model_config(cfg.model, **overrides).preprocess.model_dump(mode="json")
+
+
+def best_model(cfg: TrainJobConfig, result: ray.train.Result) -> OGCLIP:
+    """The checkpoint with the lowest smoothed loss (the latest if none was scored), loaded on CPU."""
+    scored = [(m.get("loss_ema", math.inf), c) for c, m in (result.best_checkpoints or [])]
+    checkpoint = min(scored, key=lambda pair: pair[0])[1] if scored else result.checkpoint
+    if checkpoint is None:
+        raise RuntimeError(f"training run {cfg.name} produced no checkpoint")
+    model = build_model(cfg)
+    with checkpoint.as_directory() as folder:
+        load_checkpoint(model, Path(folder) / WEIGHTS)
+    return model.eval()
+
+
+def export_run(cfg: TrainJobConfig, model: OGCLIP, store: Any, trained: Sequence[str],
+               log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Bundle ``model`` and write class embeddings under its model version: the ``trained`` classes and every
+    class of ``export_class_sets`` (the unseen test set, typically)."""
+    from ogclip_kg import cypher
+    from ogclip_kg.prompts import fetch_class_facts
+
+    bundle = export_bundle(model, cfg.output_dir / cfg.name / "bundle")
+    keys = sorted(set(trained) | {r["key"] for name in cfg.export_class_sets
+                                  for r in store.read(cypher.CLASS_SET_KEYS, key=name)})
+    prompts = prompts_for(fetch_class_facts(store, keys), cfg.prompts, cfg.seed)
+    started = time.perf_counter()
+    vectors = class_embeddings(model, prompts)
+    written = store.write_embeddings(bundle.model_version, {k: v.tolist() for k, v in zip(prompts, vectors,
+                                                                                         strict=True)}, prompts)
+    log(f"exported bundle {bundle.model_version} to {bundle.path}; embedded {len(prompts)} classes' prompts in "
+        f"{time.perf_counter() - started:.1f}s and wrote {written} class embeddings to the graph")
+    return {"model_version": bundle.model_version, "bundle": str(bundle.path), "class_embeddings": written}
+
+
+def run_training(cfg: TrainJobConfig, log: Callable[[str], None] = print) -> tuple[OGCLIP, dict[str, Any]]:
+    """The whole job: class prompts from the graph, Ray Train, then (optionally) export.
+
+    Returns the best checkpoint's model (eval mode, CPU) and the run's summary (also in ``summary.json``).
+    """
+    from ogclip_jobs.runtime import ensure_ray, open_graph
+    from ogclip_kg.prompts import fetch_class_facts
+
+    ensure_ray(cfg.ray_num_cpus)
+    classes = data_labels(cfg.data)
+    with open_graph() as store:
+        rows = fetch_class_facts(store, classes)
+        known = {row["key"] for row in rows}
+        if len(known) < len(classes):
+            log(f"{len(classes) - len(known)} label(s) of the data are not in the graph; their rows are skipped")
+        classes = sorted(known)
+        prompts = prompts_for(rows, cfg.prompts, cfg.seed)
+        log(f"training {cfg.model} ({cfg.mrl or 'registry'} MRL, {cfg.prompts} prompts, {cfg.visual_prompt} visual "
+            f"prompt) on {len(classes)} classes from {cfg.data}: {cfg.train.steps} steps × {cfg.num_workers} "
+            f"worker(s) × {cfg.train.batch_size}")
+        started = time.perf_counter()
+        result = fit(cfg, prompts, classes)
+        summary: dict[str, Any] = {"name": cfg.name, "seconds": round(time.perf_counter() - started, 1),
+                                   "final_metrics": result.metrics, "run_dir": str(cfg.output_dir / cfg.name)}
+        model = best_model(cfg, result)
+        if cfg.export:
+            summary.update(export_run(cfg, model, store, classes, log))
+    (cfg.output_dir / cfg.name / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return model, summary

@@ -21,10 +21,11 @@ class MRLConfig(StrictModel):
     """Matryoshka head: ``granularities`` nested prefixes D/G, 2D/G, ..., D of the joint embedding."""
 
     granularities: int = Field(default=8, ge=1, le=64)
-    weighting: Literal["adaptive", "uniform"] = Field(
+    weighting: Literal["adaptive", "uniform", "none"] = Field(
         default="adaptive",
         description="'adaptive': OG-CLIP's dimension attention α and BPA loss; 'uniform': plain MRL (equal "
-        "fixed weights, no BPA), the baseline the paper compares against.",
+        "fixed weights, no BPA), the baseline the paper compares against; 'none': no L_MRL at all, so smaller "
+        "sizes are naive truncations of a model trained only at D.",
     )
     bpa_weight: float = Field(default=0.2, ge=0.0, description="Weight of L_BPA in L_total (paper: 0.2).")
     alpha_momentum: float = Field(
@@ -119,18 +120,6 @@ class TrainConfig(StrictModel):
     grad_clip_norm: float = Field(default=1.0, gt=0)
     hybrid_ratio: float = Field(default=0.1, ge=0, le=1, description="r_s: share of batches with an all-ones mask.")
     batch_size: int = Field(default=32, gt=0, description="Per worker; the paper runs 8 workers × 32 = 256.")
-
-
-class DemoConfig(StrictModel):
-    """The ``make demo`` job: build a small OG-CLIP, train it briefly on synthetic targets, evaluate, export."""
-
-    model: str = "og-clip-tiny"
-    device: str = "auto"
-    seed: int = 0
-    train: TrainConfig = TrainConfig(lr=5e-4, min_lr=5e-5, warmup_steps=5, steps=40, batch_size=48)
-    images_per_class: int = Field(default=24, gt=0, description="Training renders per class.")
-    eval_images_per_class: int = Field(default=8, gt=0)
-    output_dir: Path = Path("outputs/demo")
 
 
 class StageResources(StrictModel):
@@ -302,6 +291,200 @@ class DataPipelineConfig(StrictModel):
     captions: CaptionConfig = CaptionConfig()
     writer: WriterConfig = WriterConfig()
     ray_num_cpus: int | None = Field(default=None, ge=1, description="local Ray's CPUs (default: all)")
+
+
+VisualPromptName = Literal["roi", "none", "red_circle", "background_mask"]
+PromptMode = Literal["kg", "label"]
+
+
+class TrainJobConfig(StrictModel):
+    """``ogclip train``: OG-CLIP on Ray Train over the curation pipeline's Parquet shards, then export.
+
+    The defaults are the paper's 8-GPU run (8 workers × 32 = 256 per step); the shipped CPU configs shrink it.
+    ``name`` names the run under ``output_dir``: running a name again resumes from its latest checkpoint.
+    """
+
+    name: str = Field(default="og-clip", pattern=r"^[A-Za-z0-9._-]+$")
+    model: str = "og-clip-vit-l-14"
+    pretrained: Path | None = Field(default=None, description="local OpenCLIP/OG-CLIP checkpoint to start from")
+    mrl: Literal["adaptive", "uniform", "none"] | None = Field(
+        default=None, description="override the architecture's MRL weighting (ablations)")
+    data: Path = Field(default=Path("outputs/data/stages/shards/parquet"), description="Parquet training shards")
+    prompts: PromptMode = Field(default="kg", description="'kg': graph prompts + captions (KG-Aug); 'label': names")
+    visual_prompt: VisualPromptName = "roi"
+    train: TrainConfig = TrainConfig()
+    num_workers: int = Field(default=8, ge=1)
+    cpus_per_worker: float = Field(default=1.0, gt=0, description="also the worker's torch threads (rounded up)")
+    use_gpu: bool | Literal["auto"] = Field(default="auto", description="'auto': when the cluster has the GPUs")
+    precision: Literal["auto", "bf16", "fp32"] = Field(default="auto", description="'auto': bf16 on GPU, else fp32")
+    grad_checkpointing: bool = False
+    checkpoint_every: int = Field(default=1000, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=1)
+    max_failures: int = Field(default=3, ge=-1, description="worker failures survived by resuming; -1 = always")
+    log_every: int = Field(default=10, ge=1)
+    data_cpus: float = Field(default=0.25, gt=0, description="CPUs per Ray Data decoding task")
+    cache_decoded: bool = Field(
+        default=False, description="decode and augment once, keep the result in Ray's object store and replay it "
+        "every epoch (small corpora: skips the per-epoch decode; each image keeps one augmentation draw)")
+    seed: int = 0
+    output_dir: Path = Path("outputs/train")
+    export: bool = Field(default=True, description="bundle the best checkpoint and write class embeddings")
+    export_class_sets: list[str] = Field(default=["test"], description="class sets embedded beside the trained "
+                                         "classes; the whole train set of the seed graph is 3,200 classes")
+    ray_num_cpus: int | None = Field(default=None, ge=1, description="local Ray's CPUs when no cluster is set")
+
+
+class EvalConfig(StrictModel):
+    """``ogclip eval``: zero-shot classification of the unseen test classes with an exported bundle."""
+
+    bundle: Path = Path("outputs/train/og-clip/bundle")
+    data: Path = Field(default=Path("outputs/data-test/stages/shards/parquet"), description="test shards")
+    class_set: str = "test"
+    prompts: PromptMode = "kg"
+    visual_prompt: VisualPromptName = "roi"
+    batch_size: int = Field(default=128, ge=1)
+    cost_batch: int = Field(default=8, ge=1, description="batch of the images/s measurement in the cost table")
+    output_dir: Path = Path("outputs/eval")
+    seed: int = 0
+
+
+class AblationConfig(StrictModel):
+    """``ogclip eval ablation``: the building blocks and baselines, each trained with ``train``'s budget."""
+
+    train: TrainJobConfig
+    eval: EvalConfig = EvalConfig()
+    variants: list[str] | None = Field(default=None, description="subset of the variants (default: all)")
+    output_dir: Path = Path("outputs/ablation")
+
+
+class DemoConfig(StrictModel):
+    """``make demo``: graph → synthetic world → curation pipeline → Ray Train → zero-shot eval → ablation → export.
+
+    The stage sections are the same schemas as the stand-alone commands; the demo points their inputs and outputs
+    at folders under ``output_dir``.
+    """
+
+    output_dir: Path = Path("outputs/demo")
+    train_data: DataPipelineConfig = DataPipelineConfig()
+    test_data: DataPipelineConfig = DataPipelineConfig()
+    train: TrainJobConfig = TrainJobConfig(model="og-clip-tiny", num_workers=1)
+    eval: EvalConfig = EvalConfig()
+    ablation: bool = True
+    ray_num_cpus: int | None = Field(default=None, ge=1)
+
+
+# -- serving (ogclip_serve) -------------------------------------------------------------------------------------
+
+
+class ServeAutoscalingConfig(StrictModel):
+    """Ray Serve autoscaling of the classifier replicas (``autoscaling_config``)."""
+
+    min_replicas: int = Field(default=1, ge=1, description="kept warm: a cold replica loads the model and index")
+    max_replicas: int = Field(default=4, ge=1)
+    target_ongoing_requests: float = Field(default=4.0, gt=0, description="per replica, what Serve scales towards")
+    upscale_delay_s: float = Field(default=10.0, ge=0)
+    downscale_delay_s: float = Field(default=120.0, ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ServeAutoscalingConfig:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas {self.max_replicas} < min_replicas {self.min_replicas}")
+        return self
+
+
+class ServeDeploymentConfig(StrictModel):
+    """Resources and admission control of the classifier deployment."""
+
+    name: str = Field(default="OGClipClassifier", pattern=r"^[A-Za-z0-9_-]+$")
+    num_cpus: float = Field(default=1.0, gt=0, description="per replica; also its torch threads (rounded up)")
+    num_gpus: float = Field(default=0.0, ge=0)
+    autoscaling: ServeAutoscalingConfig = ServeAutoscalingConfig()
+    max_ongoing_requests: int = Field(default=16, ge=1, description="requests a replica works on at once")
+    max_queued_requests: int = Field(
+        default=64, ge=1, description="requests waiting for a replica; beyond this the service answers 503 at once "
+        "(back-pressure) instead of letting latency grow without bound")
+    health_check_period_s: float = Field(default=10.0, gt=0)
+    graceful_shutdown_timeout_s: float = Field(default=20.0, ge=0)
+
+
+class ServeBatchingConfig(StrictModel):
+    """Dynamic batching across requests (``@serve.batch``): images (and texts) of concurrent requests share one
+    forward pass."""
+
+    enabled: bool = True
+    max_batch_size: int = Field(default=16, ge=1)
+    batch_wait_timeout_s: float = Field(default=0.005, ge=0, description="how long a partial batch waits to fill")
+
+
+class ServeLimitsConfig(StrictModel):
+    """Input limits: anything over them is a 4xx answer, never work for the replica."""
+
+    max_images_per_request: int = Field(default=16, ge=1)
+    max_image_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, description="encoded bytes of one image or mask")
+    max_pixels: int = Field(default=16_000_000, ge=1, description="width × height; larger is refused before decoding")
+    max_texts_per_request: int = Field(default=64, ge=1)
+    max_text_chars: int = Field(default=4096, ge=1)
+    max_labels: int = Field(default=512, ge=1, description="explicit candidate labels in one request")
+    max_top_k: int = Field(default=100, ge=1)
+
+
+class ServeClassesConfig(StrictModel):
+    """Which class embeddings a replica serves and how it follows the graph."""
+
+    class_sets: list[str] = Field(default=["test"], min_length=1, description="graph class sets to serve")
+    default_class_set: str | None = Field(default=None, description="when a request names none (default: first)")
+    poll_interval_s: float = Field(default=5.0, gt=0, description="how often a replica checks the graph for changes")
+    full_refresh_s: float = Field(default=600.0, gt=0, description="reload everything even without a change seen")
+    embed_missing: bool = Field(
+        default=True, description="embed classes that have no stored embedding with the bundle's own text tower "
+        "(prompts from the graph's facts), instead of leaving them out")
+    write_back: bool = Field(default=True, description="store those on-demand embeddings in the graph")
+    prompt_seed: int = Field(default=0, description="seed of the graph prompts, as the export step used")
+
+    @model_validator(mode="after")
+    def _default_is_served(self) -> ServeClassesConfig:
+        if self.default_class_set is not None and self.default_class_set not in self.class_sets:
+            raise ValueError(f"default_class_set {self.default_class_set!r} is not in class_sets {self.class_sets}")
+        return self
+
+    @property
+    def default(self) -> str:
+        return self.default_class_set or self.class_sets[0]
+
+
+class ServeMaskConfig(StrictModel):
+    """Where the ROI mask comes from when a request brings none: 'none' (all ones, the plain-CLIP reading), 'cpu'
+    (the weight-free segmenter) or 'sam2' (a local checkpoint, prompted with the request's box when there is one)."""
+
+    segmenter: Literal["none", "cpu", "sam2"] = "none"
+    sam2_checkpoint: Path | None = None
+    sam2_config: str = "configs/sam2.1/sam2.1_hiera_l.yaml"
+
+    @model_validator(mode="after")
+    def _needs_checkpoint(self) -> ServeMaskConfig:
+        if self.segmenter == "sam2" and self.sam2_checkpoint is None:
+            raise ValueError("masks.segmenter 'sam2' needs masks.sam2_checkpoint (a local path)")
+        return self
+
+
+class ServeConfig(StrictModel):
+    """``ogclip serve up``: the classification service (Ray Serve), one app serving one export bundle."""
+
+    bundle: Path = Path("outputs/demo/bundle")
+    model_version: str | None = Field(
+        default=None, description="the version the bundle must have; a different bundle is refused at start")
+    app_name: str = Field(default="ogclip", pattern=r"^[A-Za-z0-9_-]+$")
+    host: str = Field(default="127.0.0.1", description="HTTP address of the Serve proxy")
+    port: int = Field(default=8000, gt=0, lt=65536)
+    route_prefix: str = Field(default="/", pattern=r"^/")
+    dims: list[int] | None = Field(default=None, description="served embedding sizes (default: all of the model's)")
+    device: str = "auto"
+    deployment: ServeDeploymentConfig = ServeDeploymentConfig()
+    batching: ServeBatchingConfig = ServeBatchingConfig()
+    limits: ServeLimitsConfig = ServeLimitsConfig()
+    classes: ServeClassesConfig = ServeClassesConfig()
+    masks: ServeMaskConfig = ServeMaskConfig()
+    ray_num_cpus: int | None = Field(default=None, ge=1, description="local Ray's CPUs when no cluster is set")
 
 
 def load_yaml_config(path: str | Path, schema: type[StrictModel]) -> StrictModel:

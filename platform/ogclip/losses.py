@@ -51,6 +51,8 @@ class LossTerms:
 def og_clip_loss(out: dict[str, Tensor], head: MatryoshkaHead, labels: Tensor | None = None) -> LossTerms:
     """L_CLIP on the full embedding, L_MRL = Σ_g α_g L_CLIP(g), and the BPA loss (zero for plain MRL).
 
+    With ``weighting="none"`` L_MRL is zero too (the per-granularity losses are still reported).
+
     ``out`` is :meth:`OGCLIP.forward`'s output. In training mode the head's α is first updated from this batch
     (no gradient flows through α: it is a weighting, not a parameter).
     """
@@ -61,7 +63,7 @@ def og_clip_loss(out: dict[str, Tensor], head: MatryoshkaHead, labels: Tensor | 
     alpha = head.alpha.detach().clone()
     clip = contrastive_loss(image, text, scale, labels)
     per_dim = torch.stack([contrastive_loss(i, t, scale, labels) for i, t in zip(image_g, text_g, strict=True)])
-    mrl = (alpha.to(per_dim) * per_dim).sum()
+    mrl = (alpha.to(per_dim) * per_dim).sum() if head.cfg.weighting != "none" else per_dim.new_zeros(())
     bpa = head.bpa_loss(image_g)
     total = clip + mrl + head.cfg.bpa_weight * bpa
     return LossTerms(total=total, clip=clip, mrl=mrl, bpa=bpa, per_dim=per_dim.detach(), alpha=alpha)

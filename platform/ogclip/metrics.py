@@ -27,3 +27,16 @@ def per_class_accuracy(predictions: Tensor, labels: Tensor, num_classes: int) ->
 def mean_class_accuracy(predictions: Tensor, labels: Tensor, num_classes: int) -> float:
     """mAcc: the mean of per-class top-1 accuracies over the classes that have samples (the paper's Avg-Acc)."""
     return float(per_class_accuracy(predictions, labels, num_classes).nanmean())
+
+
+@torch.no_grad()
+def image_flops(model: torch.nn.Module, image_size: int) -> int:
+    """FLOPs of encoding one image with its mask (torch's FLOP counter: matmuls and convolutions)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = next(model.parameters()).device
+    image = torch.zeros(1, 3, image_size, image_size, device=device)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model.encode_image(image, torch.ones(1, 1, image_size, image_size, device=device))
+    return int(counter.get_total_flops())

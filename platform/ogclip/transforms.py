@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import warnings
 from collections.abc import Callable
+from typing import Literal
 
 import numpy as np
 import torch
@@ -23,6 +24,10 @@ class ImageDecodeError(ValueError):
     """Bytes that are not a usable image: undecodable, truncated, or too large to decode safely."""
 
 
+class ImageTooLargeError(ImageDecodeError):
+    """An image whose pixel count is over the limit (a decompression bomb, or simply too big to take)."""
+
+
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode image bytes to RGB, refusing anything over ``max_pixels`` before its pixels are decompressed.
 
@@ -35,12 +40,13 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
             image = Image.open(io.BytesIO(data))
             width, height = image.size
             if width * height > max_pixels:
-                raise ImageDecodeError(f"image is {width}×{height} = {width * height} pixels; limit {max_pixels}")
+                raise ImageTooLargeError(f"image is {width}×{height} = {width * height} pixels; limit {max_pixels}")
             image.load()
     except ImageDecodeError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLargeError(f"image refused as a decompression bomb: {exc}") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageDecodeError(f"cannot decode image: {exc}") from exc
     return image.convert("RGB")
 
@@ -88,3 +94,52 @@ def image_mask_transform(
         return out_image.as_subclass(Tensor), out_mask.as_subclass(Tensor)
 
     return apply
+
+
+VisualPrompt = Literal["roi", "none", "red_circle", "background_mask"]
+
+
+def apply_visual_prompt(images: Tensor, masks: Tensor, kind: VisualPrompt, cfg: PreprocessConfig
+                        ) -> tuple[Tensor, Tensor]:
+    """How the object region reaches the model, for a normalised batch ``images`` (B,3,S,S), ``masks`` (B,1,S,S).
+
+    - ``roi``: OG-CLIP; the mask goes to the ROI channel, the image is untouched.
+    - ``none``: plain CLIP; the mask is dropped (all ones).
+    - ``red_circle``: the Red-Circle visual prompt; a red ellipse drawn around the mask's bounding box, in pixels.
+    - ``background_mask``: mask-adapted CLIP; pixels outside the mask set to the mean colour (0 after
+      normalisation), as MaskCLIP-style region recognition does.
+    The last three give the model an all-ones ROI channel, so they run on the same OG-CLIP architecture.
+    """
+    if kind == "roi":
+        return images, masks
+    ones = torch.ones_like(masks)
+    if kind == "none":
+        return images, ones
+    if kind == "background_mask":
+        return images * (masks > 0.5), ones
+    if kind != "red_circle":
+        raise ValueError(f"unknown visual prompt {kind!r}")
+    size = images.shape[-1]
+    ys = torch.arange(size, device=images.device, dtype=torch.float32).view(1, size, 1)
+    xs = torch.arange(size, device=images.device, dtype=torch.float32).view(1, 1, size)
+    inside = masks[:, 0] > 0.5
+    rows, cols = inside.any(dim=2), inside.any(dim=1)
+    big = torch.tensor(float(size), device=images.device)
+    top = torch.where(rows, ys.view(1, size), big).amin(dim=1)
+    bottom = torch.where(rows, ys.view(1, size), -big).amax(dim=1)
+    left = torch.where(cols, xs.view(1, size), big).amin(dim=1)
+    right = torch.where(cols, xs.view(1, size), -big).amax(dim=1)
+    empty = ~rows.any(dim=1)  # no object: circle the whole frame
+    top, left = torch.where(empty, 0.0, top), torch.where(empty, 0.0, left)
+    bottom, right = torch.where(empty, size - 1.0, bottom), torch.where(empty, size - 1.0, right)
+    # The ellipse through the box's corners (semi-axes √2 × half the box) so the whole object sits inside it.
+    cy, cx = ((top + bottom) / 2).view(-1, 1, 1), ((left + right) / 2).view(-1, 1, 1)
+    ry = ((bottom - top + 1) / 2 * 2**0.5).clamp_min(2.0).view(-1, 1, 1)
+    rx = ((right - left + 1) / 2 * 2**0.5).clamp_min(2.0).view(-1, 1, 1)
+    radius = torch.sqrt(((ys - cy) / ry) ** 2 + ((xs - cx) / rx) ** 2)
+    thickness = max(1.0, size / 64) / torch.minimum(rx, ry)
+    ring = ((radius - 1.0).abs() <= thickness).unsqueeze(1)
+    mean = torch.tensor(cfg.mean, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.std, device=images.device).view(1, 3, 1, 1)
+    red = ((torch.tensor([1.0, 0.0, 0.0], device=images.device).view(1, 3, 1, 1) - mean) / std).to(images.dtype)
+    return torch.where(ring, red, images), ones

@@ -1,0 +1,165 @@
+"""Training throughput: samples/s of the OG-CLIP step in a plain torch loop and under Ray Train with 1 and 2
+workers on the same data, in one run (Ray Train's overhead = the ratio); with CUDA, og-clip-vit-l-14 in bf16
+against the FLOP-bound limit of the GPU.
+
+The CPU work: og-clip-tiny, rendered 64 px synthetic targets with their masks, the same prompts, the same
+per-worker batch. Ray Train figures are taken from its own step timer (after start-up) and also given end to end.
+
+    python bench/train.py [--steps 60] [--batch 32] [--gpu-steps 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import torch
+
+from ogclip.config import TrainConfig, TrainJobConfig
+from ogclip.metrics import image_flops
+from ogclip.models import create_model
+from ogclip.synth import PATTERNS, TargetClass, render
+from ogclip_jobs.data.images import png_bytes
+from ogclip_jobs.train import DecodeForTraining, build_model_config_preprocess, build_optimizer, fit, train_step
+
+SILHOUETTES = ("delta wing", "swept wing", "straight wing", "rotorcraft")
+
+
+def write_data(folder: Path, per_class: int) -> dict[str, list[str]]:
+    """A Parquet shard of rendered targets; returns each class's prompts."""
+    rows = {"image": [], "mask": [], "label": [], "caption": []}
+    prompts = {}
+    for s in SILHOUETTES:
+        for pattern in PATTERNS[:2]:
+            key = f"{s}-{pattern}".replace(" ", "-")
+            target = TargetClass(name=key, super_category="military aircraft", silhouette=s, colour="grey",
+                                 pattern=pattern)
+            prompts[key] = [f"a photo of a {target.description()}", f"a {key}"]
+            for i in range(per_class):
+                sample = render(target, seed=i, size=64)
+                rows["image"].append(png_bytes(sample.image))
+                rows["mask"].append(png_bytes(sample.mask))
+                rows["label"].append(key)
+                rows["caption"].append(prompts[key][0])
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(rows), folder / "part-0.parquet")
+    return prompts
+
+
+def plain_loop(cfg: TrainJobConfig, prompts: dict[str, list[str]], steps: int) -> float:
+    """samples/s of the same step in one process, data decoded up front (no Ray)."""
+    classes = sorted(prompts)
+    decoded = DecodeForTraining(build_model_config_preprocess(cfg), classes)(
+        pq.read_table(next(Path(cfg.data).glob("*.parquet"))).to_pydict())
+    torch.set_num_threads(max(1, int(cfg.cpus_per_worker * cfg.num_workers)))
+    model = create_model(cfg.model, device="cpu")
+    optimizer = build_optimizer(model, cfg.train)
+    generator, rng = torch.Generator().manual_seed(0), random.Random(0)
+    images, masks = torch.from_numpy(decoded["image"]), torch.from_numpy(decoded["mask"])
+    labels = torch.from_numpy(decoded["label"])
+    batch = cfg.train.batch_size
+    started = None
+    for step in range(steps + 3):
+        if step == 3:  # the first steps warm caches and allocators; Ray Train's timer starts later too
+            started = time.perf_counter()
+        index = torch.randint(len(labels), (batch,), generator=generator)
+        texts = model.tokenize([rng.choice(prompts[classes[int(i)]]) for i in labels[index]])
+        train_step(model, optimizer, step, cfg.train, images[index], masks[index], texts, labels[index], generator)
+    return steps * batch / (time.perf_counter() - started)
+
+
+def ray_train(cfg: TrainJobConfig, prompts: dict[str, list[str]]) -> tuple[float, float]:
+    """(samples/s from the workers' step timer, samples/s end to end including start-up) under Ray Train."""
+    started = time.perf_counter()
+    result = fit(cfg, prompts, sorted(prompts))
+    wall = time.perf_counter() - started
+    return result.metrics["samples_per_s"], cfg.train.steps * cfg.train.batch_size * cfg.num_workers / wall
+
+
+def gpu_figures(steps: int) -> None:
+    """og-clip-vit-l-14, bf16 autocast, batch 32 on one GPU: images/s of the train step vs the FLOP bound."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = torch.device("cuda")
+    n = 8192
+    a, b = torch.randn(n, n, device=device, dtype=torch.bfloat16), torch.randn(n, n, device=device,
+                                                                               dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(20):
+        a @ b
+    torch.cuda.synchronize()
+    peak = 20 * 2 * n**3 / (time.perf_counter() - t)
+    model = create_model("og-clip-vit-l-14", device=device)
+    cfg = TrainConfig(lr=5e-5, warmup_steps=1, steps=steps + 3, batch_size=32)
+    optimizer = build_optimizer(model, cfg)
+    size = model.cfg.image_size
+    images = torch.randn(32, 3, size, size, device=device)
+    masks = (torch.rand(32, 1, size, size, device=device) > 0.5).float()
+    texts = model.tokenize([f"a photo of target {i}" for i in range(32)])
+    labels = torch.arange(32, device=device)
+    generator = torch.Generator().manual_seed(0)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        train_step(model, optimizer, 0, cfg, images, masks, texts, labels, generator, torch.bfloat16)
+    flops = counter.get_total_flops()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for step in range(1, steps + 1):
+        train_step(model, optimizer, step, cfg, images, masks, texts, labels, generator, torch.bfloat16)
+    torch.cuda.synchronize()
+    rate = steps * 32 / (time.perf_counter() - t)
+    bound = peak / (flops / 32)
+    print(f"\nGPU {torch.cuda.get_device_name()}: og-clip-vit-l-14 bf16 train step, batch 32: {rate:.1f} images/s; "
+          f"{flops / 32 / 1e9:.0f} GFLOP/image (fwd+bwd, measured), bf16 matmul peak {peak / 1e12:.0f} TFLOP/s → "
+          f"FLOP bound {bound:.0f} images/s; ratio {rate / bound:.2f}; forward-only "
+          f"{image_flops(model, size) / 1e9:.0f} GFLOP/image")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--per-class", type=int, default=24)
+    parser.add_argument("--gpu-steps", type=int, default=20)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "shards"
+        prompts = write_data(data, args.per_class)
+        base = TrainJobConfig(name="bench", model="og-clip-tiny", data=data, output_dir=Path(tmp) / "runs",
+                              train=TrainConfig(lr=5e-4, min_lr=5e-5, warmup_steps=5, steps=args.steps,
+                                                batch_size=args.batch),
+                              num_workers=1, cpus_per_worker=2.0, checkpoint_every=10**6, log_every=10,
+                              export=False, cache_decoded=True, use_gpu=False)
+        plain = plain_loop(base, prompts, args.steps)
+        ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)  # 2 for workers, 1 for Ray Data
+        ray.data.DataContext.get_current().use_datasource_v2 = False
+        try:
+            one = ray_train(base.model_copy(update={"name": "one"}), prompts)
+            two = ray_train(base.model_copy(update={"name": "two", "num_workers": 2, "cpus_per_worker": 1.0}),
+                            prompts)
+        finally:
+            ray.shutdown()
+    print(f"og-clip-tiny, 64 px, batch {args.batch} per worker, {args.steps} steps, {torch.get_num_threads()} "
+          "CPU threads available")
+    print(f"{'run':<34}{'samples/s':>10}{'per worker':>12}{'end to end':>12}{'vs plain':>10}")
+    print(f"{'plain torch loop (2 threads)':<34}{plain:>10.1f}{plain:>12.1f}{'':>12}{1.0:>10.2f}")
+    print(f"{'Ray Train, 1 worker × 2 CPUs':<34}{one[0]:>10.1f}{one[0]:>12.1f}{one[1]:>12.1f}{one[0] / plain:>10.2f}")
+    print(f"{'Ray Train, 2 workers × 1 CPU':<34}{two[0]:>10.1f}{two[0] / 2:>12.1f}{two[1]:>12.1f}"
+          f"{two[0] / plain:>10.2f}")
+    if torch.cuda.is_available():
+        gpu_figures(args.gpu_steps)
+    else:
+        print("no CUDA device: the og-clip-vit-l-14 bf16 figures need a GPU")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""Ray Train training on a real local Ray: a 2-worker CPU run that survives a killed worker, export to the graph
+read back by a fresh process, and the evaluation metrics on inputs with known answers."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+
+from ogclip.config import EvalConfig, PreprocessConfig, TrainConfig, TrainJobConfig
+from ogclip.synth import TargetClass, render
+from ogclip.transforms import apply_visual_prompt
+from ogclip_jobs.data.images import png_bytes
+from ogclip_jobs.evaluate import VARIANTS, variant_config, zero_shot_scores
+from ogclip_jobs.train import prompts_for, sample_texts
+
+
+@pytest.fixture
+def job_settings(kg_settings, monkeypatch: pytest.MonkeyPatch):
+    """Point the jobs' settings (read from the environment) at the test session's graph server."""
+    from ogclip.settings import get_settings
+
+    for name, value in {"OGCLIP_HOME": kg_settings.home, "OGCLIP_KG_BOLT_PORT": kg_settings.kg_bolt_port,
+                        "OGCLIP_KG_HTTP_PORT": kg_settings.kg_http_port}.items():
+        monkeypatch.setenv(name, str(value))
+    monkeypatch.delenv("OGCLIP_NEO4J_URI", raising=False)
+    get_settings.cache_clear()
+    yield kg_settings
+    get_settings.cache_clear()
+
+
+@pytest.fixture
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    ray.data.DataContext.get_current().use_datasource_v2 = False
+    yield
+    ray.shutdown()
+
+
+def write_shards(graph, folder: Path, classes: int = 6, per_class: int = 8) -> list[str]:
+    """Rendered training rows of the first ``classes`` train classes as a Parquet shard, like the pipeline's."""
+    from ogclip_kg import cypher
+    from ogclip_kg.prompts import fetch_class_facts
+
+    keys = sorted(r["key"] for r in graph.read(cypher.CLASS_SET_KEYS, key="train"))[:classes]
+    rows = {"image": [], "mask": [], "label": [], "caption": []}
+    for fact_row in fetch_class_facts(graph, keys):
+        target = TargetClass.from_facts(fact_row)
+        for i in range(per_class):
+            sample = render(target, seed=i, size=64)
+            rows["image"].append(png_bytes(sample.image))
+            rows["mask"].append(png_bytes(sample.mask))
+            rows["label"].append(fact_row["key"])
+            rows["caption"].append(f"A photo of {fact_row['name']}.")
+    folder.mkdir(parents=True)
+    pq.write_table(pa.table(rows), folder / "part-0.parquet")
+    return keys
+
+
+def _train_worker_pids() -> list[int]:
+    """Ray names worker processes after their actor (``ray::RayTrainWorker...``); no dashboard is needed to find
+    them this way."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return sorted(pids)
+
+
+@pytest.mark.slow
+def test_two_worker_training_survives_a_killed_worker_then_exports(tmp_path: Path, graph, job_settings,
+                                                                     local_ray) -> None:
+    """Two gloo workers; once the first checkpoint exists one worker is SIGKILLed. The run resumes from the
+    checkpoint, reaches its last step, and the export's class embeddings read back in a fresh process."""
+    from ogclip_jobs.train import run_training
+
+    data = tmp_path / "shards"
+    keys = write_shards(graph, data)
+    cfg = TrainJobConfig(name="resume", model="og-clip-tiny", data=data, output_dir=tmp_path / "runs",
+                         train=TrainConfig(lr=5e-4, min_lr=5e-5, warmup_steps=2, steps=60, batch_size=8),
+                         num_workers=2, cpus_per_worker=0.5, checkpoint_every=6, log_every=3, max_failures=2,
+                         export_class_sets=[], cache_decoded=True, ray_num_cpus=2)
+    outcome: dict = {}
+
+    def train() -> None:
+        try:
+            outcome["model"], outcome["summary"] = run_training(cfg, log=lambda _: None)
+        except BaseException as exc:  # noqa: BLE001 (reported by the assertion below)
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=train)
+    thread.start()
+    run = tmp_path / "runs" / "resume"
+    deadline = time.monotonic() + 400
+    snapshot = run / "ray" / "checkpoint_manager_snapshot.json"
+    # A checkpoint counts once the controller has registered it (its folder appears a moment earlier).
+    while not (snapshot.exists() and "checkpoint_" in snapshot.read_text()) and time.monotonic() < deadline \
+            and thread.is_alive():
+        time.sleep(0.2)
+    pids = _train_worker_pids()
+    assert pids, "no training worker to kill"
+    os.kill(pids[-1], signal.SIGKILL)
+    thread.join(timeout=600)
+    assert "error" not in outcome, outcome.get("error")
+    summary = outcome["summary"]
+    assert summary["final_metrics"]["step"] == 60
+    log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    resumed = [entry["step"] for entry in log if entry.get("event") == "resumed"]
+    assert len(resumed) == 1 and resumed[0] % 6 == 0 and resumed[0] >= 6, log
+    after = [entry["step"] for entry in log[[e.get("event") for e in log].index("resumed") + 1:]]
+    assert after[0] > resumed[0] and after[-1] == 60, "did not continue from the checkpoint to the last step"
+    assert all(math.isfinite(entry["loss"]) for entry in log if "loss" in entry)
+
+    version = summary["model_version"]
+    assert summary["class_embeddings"] == len(keys)
+    script = ("import json,sys; from ogclip.settings import get_settings; from ogclip_kg.store import GraphStore; "
+              "s=GraphStore.from_settings(get_settings()); e=s.read_embeddings(sys.argv[1]); "
+              "print(json.dumps({k: v[:4] for k, v in e.items()}))")
+    env = {**os.environ}
+    read = subprocess.run([sys.executable, "-c", script, version], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert read.returncode == 0, read.stderr[-2000:]
+    stored = json.loads(read.stdout)
+    assert sorted(stored) == keys
+    from ogclip.bundle import load_bundle
+    from ogclip.zeroshot import class_embeddings
+    from ogclip_kg.prompts import fetch_class_facts
+
+    model, info = load_bundle(summary["bundle"], expected_version=version, device="cpu")
+    expected = class_embeddings(model, prompts_for(fetch_class_facts(graph, keys), "kg"))
+    assert torch.allclose(torch.tensor([stored[k] for k in keys]), expected[:, :4], atol=1e-5)
+
+
+def test_zero_shot_scores_on_known_predictions() -> None:
+    """Three classes, orthogonal class vectors; images built to be right or wrong by construction."""
+    classes = torch.eye(3, 8)
+    # class 0: both images right; class 1: one of two right; class 2: wrong (looks like class 0).
+    images = torch.stack([classes[0], classes[0], classes[1], classes[2] * 0.1 + classes[0], classes[0]])
+    labels = torch.tensor([0, 0, 1, 1, 2])
+    scores = zero_shot_scores(images, labels, classes, [4, 8], ["air", "air", "sea"])
+    assert scores["per_class"] == pytest.approx([1.0, 0.5, 0.0])
+    assert scores["macc"] == pytest.approx(0.5)
+    assert scores["per_super_category"] == pytest.approx({"air": 0.75, "sea": 0.0})
+    assert scores["macc_by_dim"] == pytest.approx({4: 0.5, 8: 0.5}) and scores["images"] == 5
+
+
+def test_a_class_without_images_is_left_out_of_macc() -> None:
+    classes = torch.eye(3, 4)
+    scores = zero_shot_scores(torch.stack([classes[0], classes[1]]), torch.tensor([0, 1]), classes, [4],
+                              ["a", "a", "b"])
+    assert scores["macc"] == pytest.approx(1.0) and math.isnan(scores["per_class"][2])
+    assert scores["per_super_category"] == {"a": 1.0}
+
+
+def test_visual_prompts_change_only_what_they_claim() -> None:
+    cfg = PreprocessConfig(image_size=32)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    masks = torch.zeros(2, 1, 32, 32)
+    masks[:, :, 8:16, 10:20] = 1
+    same, roi = apply_visual_prompt(images, masks, "roi", cfg)
+    assert same is images and roi is masks
+    plain, ones = apply_visual_prompt(images, masks, "none", cfg)
+    assert torch.equal(plain, images) and bool((ones == 1).all())
+    cut, _ = apply_visual_prompt(images, masks, "background_mask", cfg)
+    assert bool((cut[:, :, :8] == 0).all()) and torch.equal(cut[:, :, 8:16, 10:20], images[:, :, 8:16, 10:20])
+    circled, _ = apply_visual_prompt(images, masks, "red_circle", cfg)
+    changed = (circled != images).any(dim=1)
+    assert changed.any() and not changed[:, 9:15, 12:18].any()  # a ring around the object, not over its middle
+    red = (torch.tensor([1.0, 0.0, 0.0]) - torch.tensor(cfg.mean)) / torch.tensor(cfg.std)
+    assert torch.allclose(circled[0, :, changed[0]].T, red.expand(int(changed[0].sum()), 3))
+    with pytest.raises(ValueError, match="unknown visual prompt"):
+        apply_visual_prompt(images, masks, "blur", cfg)  # type: ignore[arg-type]
+
+
+def test_prompts_by_mode_and_training_texts() -> None:
+    import random
+
+    row = {"key": "f-16", "name": "F-16", "super_category": "military aircraft", "categories": ["fighter"],
+           "aliases": [], "operators": [], "manufacturers": [], "equipment": [],
+           "facts": [{"attribute": "silhouette", "value": "delta wing"}, {"attribute": "colour", "value": "grey"}]}
+    kg, label = prompts_for([row], "kg")["f-16"], prompts_for([row], "label")["f-16"]
+    assert len(label) == 1 and "F-16" in label[0] and "delta wing" not in label[0]
+    assert len(kg) >= 3 and any("delta wing" in p for p in kg)
+    texts = sample_texts(["f-16"] * 200, ["its caption"] * 200, {"f-16": kg}, "kg", random.Random(0))
+    assert "its caption" in texts and set(texts) <= {*kg, "its caption"}
+    assert set(sample_texts(["f-16"] * 50, ["its caption"] * 50, {"f-16": label}, "label", random.Random(0))) \
+        == set(label)
+
+
+def test_ablation_variants_share_the_budget() -> None:
+    base = TrainJobConfig(name="demo", model="og-clip-tiny", train=TrainConfig(steps=77, batch_size=5))
+    configs = {name: variant_config(base, name) for name in VARIANTS}
+    assert len({c.name for c in configs.values()}) == len(VARIANTS)
+    assert all(c.train == base.train and c.model == base.model and not c.export for c in configs.values())
+    assert configs["CLIP"].prompts == "label" and configs["CLIP"].visual_prompt == "none"
+    assert configs["+Adaptive MRL (OG-CLIP)"].mrl == "adaptive" and configs["plain MRL"].mrl == "uniform"
+
+
+def test_eval_refuses_an_unknown_class_set(graph, tmp_path: Path) -> None:
+    from ogclip_jobs.evaluate import eval_classes
+
+    with pytest.raises(ValueError, match="empty or unknown"):
+        eval_classes(graph, EvalConfig(class_set="no-such-set", data=tmp_path))
