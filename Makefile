@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(PY) bench/kg.py
 	$(PY) bench/data.py
 	$(PY) bench/train.py
+	$(PY) bench/serve.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

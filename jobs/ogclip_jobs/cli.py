@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ogclip.config import DemoConfig, load_yaml_config
+from ogclip_jobs import submit
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -185,6 +186,17 @@ def _data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    # The serving package runs in its own process: jobs and serve never import each other (their contract is the
+    # bundle plus the class embeddings in the graph).
+    import subprocess
+
+    command = [sys.executable, "-m", "ogclip_serve.server", args.serve_command]
+    if args.serve_command == "up":
+        command += ["--config", str(args.config)]
+    return subprocess.call(command)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ogclip", description="OG-CLIP zero-shot target recognition platform.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -252,11 +264,21 @@ def build_parser() -> argparse.ArgumentParser:
     prompts.add_argument("--seed", type=int, default=0)
     prompts.add_argument("--vlm", action="store_true", help="also print the captioning (VLM) prompt")
 
+    serve = commands.add_parser("serve", help="the classification service (Ray Serve): up, down, status")
+    serve_commands = serve.add_subparsers(dest="serve_command", required=True, metavar="SERVE_COMMAND")
+    serve.set_defaults(func=_serve)
+    serve_up = serve_commands.add_parser("up", help="start the service locally and wait until it is ready")
+    serve_up.add_argument("--config", type=Path, default=Path("infra/serve/demo.yaml"), help="ServeConfig YAML")
+    serve_commands.add_parser("down", help="stop the service")
+    serve_commands.add_parser("status", help="is the service running and ready")
+
+    submit.add_parser(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    # `submit`'s own options may follow the command it submits; put them first so argparse can tell them apart.
+    args = build_parser().parse_args(submit.normalise_argv(sys.argv[1:] if argv is None else argv))
     try:
         return args.func(args)
     except (ValueError, KeyError, FileNotFoundError, RuntimeError) as exc:

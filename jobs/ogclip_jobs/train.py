@@ -112,13 +112,9 @@ def prompts_for(rows: Sequence[Mapping[str, Any]], mode: PromptMode, seed: int =
 
     ``rows`` are :func:`ogclip_kg.prompts.fetch_class_facts` rows.
     """
-    from ogclip_kg.prompts import class_prompts
+    from ogclip_kg.prompts import prompt_texts
 
-    out = {}
-    for row in rows:
-        templates = class_prompts(dict(row), seed)
-        out[row["key"]] = [templates["label"]] if mode == "label" else list(dict.fromkeys(templates.values()))
-    return out
+    return {row["key"]: prompt_texts(dict(row), mode, seed) for row in rows}
 
 
 def sample_texts(labels: Sequence[str], captions: Sequence[Any], prompts: Mapping[str, Sequence[str]],

@@ -104,6 +104,38 @@ RETURN e.target_key AS target_key, e.dim AS dim, e.vector AS vector ORDER BY tar
 
 EMBEDDING_DIM = "MATCH (e:TextEmbedding {model_version: $model_version}) RETURN e.dim AS dim LIMIT 1"
 
+# -- serving: class sets and the embeddings of one model version (ogclip_serve) -------------------------------------
+
+CLASS_SETS = "MATCH (s:ClassSet) RETURN s.key AS key, s.size AS size ORDER BY key"
+
+# What a replica polls to notice a change without reading vectors: the members of a class set and, per member, the
+# signature (dimension and first component) of its embedding under the model version, empty when it has none. A
+# class added to the set, removed from it, or (re-)embedded changes the rows.
+CLASS_SET_STATE = """MATCH (t:Target)-[:IN_CLASS_SET]->(:ClassSet {key: $key})
+RETURN t.key AS key, t.name AS name, t.super_category AS super_category,
+       [(e:TextEmbedding)-[:EMBEDS]->(t) WHERE e.model_version = $model_version | [e.dim, e.vector[0]]] AS embedding
+ORDER BY key"""
+
+READ_EMBEDDINGS_FOR_KEYS = """MATCH (e:TextEmbedding {model_version: $model_version}) WHERE e.target_key IN $keys
+RETURN e.target_key AS target_key, e.dim AS dim, e.vector AS vector ORDER BY target_key"""
+
+EMBEDDING_COUNT = "MATCH (e:TextEmbedding {model_version: $model_version}) RETURN count(e) AS n"
+
+EMBEDDING_VERSIONS = """MATCH (e:TextEmbedding)
+RETURN e.model_version AS model_version, count(e) AS classes ORDER BY model_version"""
+
+TARGET_SUMMARIES = """MATCH (t:Target) WHERE t.key IN $keys
+RETURN t.key AS key, t.name AS name, t.super_category AS super_category ORDER BY key"""
+
+UNLINK_CLASS_SET_MEMBERS = """UNWIND $keys AS key
+MATCH (:Target {key: key})-[r:IN_CLASS_SET]->(:ClassSet {key: $class_set})
+DELETE r"""
+
+DELETE_CLASS_SET = "MATCH (s:ClassSet {key: $key}) DETACH DELETE s"
+
+# Retiring a model version: its class embeddings go, the targets stay.
+DELETE_EMBEDDINGS = "MATCH (e:TextEmbedding {model_version: $model_version}) DETACH DELETE e"
+
 EXPORT_NODES = {lab: f"MATCH (n:{lab}) RETURN n.key AS key, properties(n) AS props ORDER BY key" for lab in LABELS}
 
 EXPORT_RELATIONSHIPS = {

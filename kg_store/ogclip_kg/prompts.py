@@ -109,6 +109,16 @@ def class_prompts(row: dict[str, Any], seed: int = 0) -> dict[str, str]:
     }
 
 
+def prompt_texts(row: dict[str, Any], mode: str = "kg", seed: int = 0) -> list[str]:
+    """The texts a class embedding averages: every distinct template for ``kg`` (KG-Aug), the label alone for
+    ``label``. Export (``ogclip train``) and the service's on-demand embedding both use this, so a class embedded
+    by either gets the same vector under one model version."""
+    if mode not in ("kg", "label"):
+        raise ValueError(f"unknown prompt mode {mode!r}; expected 'kg' or 'label'")
+    templates = class_prompts(dict(row), seed)
+    return [templates["label"]] if mode == "label" else list(dict.fromkeys(templates.values()))
+
+
 def vlm_prompt(row: dict[str, Any]) -> str:
     """The captioning prompt for an image of this class: the same facts, and what to describe."""
     facts = "\n".join(f"- {sentence}" for sentence in _known_facts(row))

@@ -405,6 +405,7 @@ class ServeDeploymentConfig(StrictModel):
         "(back-pressure) instead of letting latency grow without bound")
     health_check_period_s: float = Field(default=10.0, gt=0)
     graceful_shutdown_timeout_s: float = Field(default=20.0, ge=0)
+    access_log: bool = Field(default=True, description="Serve's per-request access log lines in the replica logs")
 
 
 class ServeBatchingConfig(StrictModel):
@@ -419,6 +420,7 @@ class ServeBatchingConfig(StrictModel):
 class ServeLimitsConfig(StrictModel):
     """Input limits: anything over them is a 4xx answer, never work for the replica."""
 
+    max_request_bytes: int = Field(default=32 * 1024 * 1024, ge=1024, description="a request body, in bytes")
     max_images_per_request: int = Field(default=16, ge=1)
     max_image_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, description="encoded bytes of one image or mask")
     max_pixels: int = Field(default=16_000_000, ge=1, description="width × height; larger is refused before decoding")
@@ -439,6 +441,7 @@ class ServeClassesConfig(StrictModel):
         default=True, description="embed classes that have no stored embedding with the bundle's own text tower "
         "(prompts from the graph's facts), instead of leaving them out")
     write_back: bool = Field(default=True, description="store those on-demand embeddings in the graph")
+    prompts: Literal["kg", "label"] = Field(default="kg", description="prompt mode, as the export step used")
     prompt_seed: int = Field(default=0, description="seed of the graph prompts, as the export step used")
 
     @model_validator(mode="after")
@@ -485,6 +488,9 @@ class ServeConfig(StrictModel):
     classes: ServeClassesConfig = ServeClassesConfig()
     masks: ServeMaskConfig = ServeMaskConfig()
     ray_num_cpus: int | None = Field(default=None, ge=1, description="local Ray's CPUs when no cluster is set")
+    metrics_port: int | None = Field(
+        default=None, gt=0, lt=65536, description="local Ray's Prometheus export port (on a cluster: "
+        "`ray start --metrics-export-port`)")
 
 
 def load_yaml_config(path: str | Path, schema: type[StrictModel]) -> StrictModel:

@@ -31,6 +31,12 @@ class Settings(BaseSettings):
     kg_bolt_port: int = Field(default=17687, gt=0, lt=65536)
     kg_http_port: int = Field(default=12480, gt=0, lt=65536)
     kg_heap: str = Field(default="1g", description="JVM heap of the embedded graph server.")
+    api_token: SecretStr | None = Field(
+        default=None, description="Bearer token the classification service requires on /v1/*. Outside local mode a "
+        "service without one refuses to start (`ogclip serve up` generates one and keeps it under home/serve).")
+    local_mode: bool = Field(
+        default=False, description="A single-user machine: the service may run without a token, on a loopback "
+        "address only.")
 
     @property
     def kg_dir(self) -> Path:

@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
-from scipy import ndimage
 
+from ogclip import segment
 from ogclip.synth import TargetClass, render
 from ogclip.transforms import decode_image
 from ogclip_jobs.data.images import decode_mask, dhash, mask_iou, png_bytes, sha256
@@ -126,52 +125,11 @@ class EmbedImages:
         return batch
 
 
-class CpuSegmenter:
-    """A weight-free segmenter: the target is what differs from the image border's colours, near the centre.
-
-    Pixels far (in colour) from every border colour cluster are foreground candidates (Otsu threshold on that
-    distance); of the connected components, the one nearest the image centre is the target, holes filled. No
-    model, so it runs anywhere; its IoU against ground truth is reported by the pipeline.
-    """
-
-    def __init__(self, clusters: int = 6) -> None:
-        self.clusters = clusters
-
-    def segment(self, image: Image.Image) -> np.ndarray:
-        pixels = np.asarray(image, dtype=np.float32)
-        height, width, _ = pixels.shape
-        border = np.concatenate([pixels[:2].reshape(-1, 3), pixels[-2:].reshape(-1, 3),
-                                 pixels[:, :2].reshape(-1, 3), pixels[:, -2:].reshape(-1, 3)])
-        centres = border[np.linspace(0, len(border) - 1, self.clusters).astype(int)]
-        for _ in range(8):  # a few k-means steps on the border colours
-            nearest = ((border[:, None] - centres[None]) ** 2).sum(-1).argmin(1)
-            centres = np.stack([border[nearest == k].mean(0) if (nearest == k).any() else centres[k]
-                                for k in range(len(centres))])
-        distance = np.sqrt(((pixels[:, :, None] - centres[None, None]) ** 2).sum(-1)).min(-1)
-        threshold = _otsu(distance)
-        components, count = ndimage.label(distance > threshold)
-        if count == 0:
-            return np.zeros((height, width), dtype=bool)
-        ys, xs = np.mgrid[0:height, 0:width]
-        centre_distance = ndimage.minimum(np.hypot(ys - height / 2, xs - width / 2), components,
-                                          index=np.arange(1, count + 1))
-        sizes = ndimage.sum(np.ones_like(distance), components, index=np.arange(1, count + 1))
-        score = np.asarray(centre_distance) - 0.05 * np.sqrt(np.asarray(sizes))
-        chosen = int(np.argmin(score)) + 1
-        return ndimage.binary_fill_holes(components == chosen)
+class CpuSegmenter(segment.CpuSegmenter):
+    """The weight-free segmenter (:class:`ogclip.segment.CpuSegmenter`) as a pipeline stage."""
 
     def __call__(self, batch: Batch) -> Batch:
         return _predict_masks(batch, lambda row: self.segment(decode_image(row["image"])))
-
-
-def _otsu(values: np.ndarray, bins: int = 64) -> float:
-    hist, edges = np.histogram(values, bins=bins)
-    centres = (edges[:-1] + edges[1:]) / 2
-    weight = np.cumsum(hist)
-    mean = np.cumsum(hist * centres)
-    total, grand = weight[-1], mean[-1]
-    between = (grand * weight - mean * total) ** 2 / np.maximum(weight * (total - weight), 1e-9)
-    return float(centres[int(np.argmax(between[:-1]))])
 
 
 def _predict_masks(batch: Batch, predict) -> Batch:
@@ -187,42 +145,8 @@ def _predict_masks(batch: Batch, predict) -> Batch:
     return batch
 
 
-class Sam2Masker:
-    """SAM2 masks from a local checkpoint (GPU actor pool in production; ``sam2`` imported lazily).
-
-    With ``prompt="centre"`` SAM2 is prompted with a foreground point at the image centre (the synthetic world and
-    crawled photos centre their target); with ``"auto"`` the automatic mask generator runs and the highest-scoring
-    mask that touches the centre third is kept.
-    """
-
-    def __init__(self, checkpoint: str, config: str, prompt: str = "centre", device: str = "auto") -> None:
-        from sam2.build_sam import build_sam2
-        from sam2.sam2_image_predictor import SAM2ImagePredictor
-
-        from ogclip.device import resolve_device
-
-        model = build_sam2(config, checkpoint, device=str(resolve_device(device)))
-        self.prompt = prompt
-        self.predictor = SAM2ImagePredictor(model)
-        if prompt == "auto":
-            from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
-
-            self.generator = SAM2AutomaticMaskGenerator(model)
-
-    def segment(self, image: Image.Image) -> np.ndarray:
-        pixels = np.asarray(image)
-        height, width = pixels.shape[:2]
-        if self.prompt == "auto":
-            candidates = self.generator.generate(pixels)
-            centre = (slice(height // 3, 2 * height // 3), slice(width // 3, 2 * width // 3))
-            central = [c for c in candidates if c["segmentation"][centre].any()]
-            if not central:
-                return np.zeros((height, width), dtype=bool)
-            return max(central, key=lambda c: c["predicted_iou"])["segmentation"].astype(bool)
-        self.predictor.set_image(pixels)
-        masks, scores, _ = self.predictor.predict(point_coords=np.array([[width / 2, height / 2]]),
-                                                  point_labels=np.array([1]), multimask_output=True)
-        return masks[int(np.argmax(scores))].astype(bool)
+class Sam2Masker(segment.Sam2Segmenter):
+    """SAM2 masks from a local checkpoint (:class:`ogclip.segment.Sam2Segmenter`; GPU actor pool in production)."""
 
     def __call__(self, batch: Batch) -> Batch:
         return _predict_masks(batch, lambda row: self.segment(decode_image(row["image"])))

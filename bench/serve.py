@@ -1,0 +1,284 @@
+"""Classification-service throughput and latency, all in one run on one machine:
+
+* requests/s and p50/p99 latency of ``POST /v1/classify`` (one 64-px image with its mask, one class set) at
+  concurrency 1, 8 and 32, against two copies of the same app on local Ray Serve: dynamic batching on and off;
+* the same work as a direct in-process call (decode, preprocess, model, search; no HTTP, no Serve), one request at a
+  time and as batches of 8 and 32, so the difference is the serving overhead;
+* faiss search time per embedding size (D/8..D) over the served class set and over a larger one;
+* for scale, the same load on a Serve endpoint that only reads the body and answers: the HTTP + Serve floor of
+  this machine, which no model service can go below.
+
+It starts an embedded graph server of its own (temporary folder, free ports), exports a fresh og-clip-tiny bundle
+and writes class embeddings (each class's label prompt through the bundle's own text tower) under its version, as
+the export step does. The HTTP client runs on the same machine as the service, so on a small machine it competes
+with it for the CPUs; figures from different machines are not comparable.
+
+    python bench/serve.py [--classes 1000] [--requests 240] [--output outputs/bench/serve.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import socket
+import statistics
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+CLASS_SET = "bench"
+TOKEN = "bench-token-0123456789abcdef"
+LEVELS = (1, 8, 32)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _png(image: Image.Image | np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    (Image.fromarray(image) if isinstance(image, np.ndarray) else image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _summary(latencies_ms: list[float], wall_s: float) -> dict[str, float]:
+    ordered = sorted(latencies_ms)
+    return {"requests": len(ordered), "rps": len(ordered) / wall_s, "p50_ms": statistics.median(ordered),
+            "p99_ms": ordered[min(len(ordered) - 1, int(round(0.99 * (len(ordered) - 1))))]}
+
+
+async def _load(url: str, payload: dict[str, Any], concurrency: int, total: int) -> dict[str, float]:
+    """``total`` requests from ``concurrency`` clients, each sending its next request when the last one returns."""
+    import aiohttp
+
+    latencies: list[float] = []
+    errors = 0
+    remaining = total
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    body = json.dumps(payload).encode()
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        nonlocal remaining, errors
+        while remaining > 0:
+            remaining -= 1
+            started = time.perf_counter()
+            async with session.post(url, data=body, headers={**headers, "Content-Type": "application/json"}) as r:
+                await r.read()
+                if r.status != 200:
+                    errors += 1
+            latencies.append((time.perf_counter() - started) * 1000)
+
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
+        started = time.perf_counter()
+        await asyncio.gather(*(client(session) for _ in range(concurrency)))
+        wall = time.perf_counter() - started
+    result = _summary(latencies, wall)
+    result["errors"] = errors
+    return result
+
+
+def _noop_app() -> Any:
+    """A Serve app that reads the request body and answers a small JSON: the cost of HTTP and Serve alone."""
+    from fastapi import FastAPI, Request
+    from ray import serve
+
+    app = FastAPI()
+
+    @serve.deployment(name="noop", ray_actor_options={"num_cpus": 1.0}, max_ongoing_requests=64,
+                      max_queued_requests=512)
+    @serve.ingress(app)
+    class Noop:
+        @app.post("/{path:path}")
+        async def answer(self, request: Request) -> dict[str, int]:
+            return {"bytes": len(await request.body())}
+
+    return Noop.bind()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--classes", type=int, default=1000, help="classes in the served class set")
+    parser.add_argument("--search-classes", type=int, default=10000, help="classes of the larger search benchmark")
+    parser.add_argument("--requests", type=int, default=240, help="requests per concurrency level and mode")
+    parser.add_argument("--output", type=Path, default=Path("outputs/bench/serve.json"))
+    args = parser.parse_args()
+
+    import ray
+    from ray import serve
+
+    from ogclip.bundle import export_bundle
+    from ogclip.config import (
+        ServeAutoscalingConfig,
+        ServeBatchingConfig,
+        ServeClassesConfig,
+        ServeConfig,
+        ServeDeploymentConfig,
+    )
+    from ogclip.models import create_model
+    from ogclip.settings import Settings
+    from ogclip.synth import TargetClass, render
+    from ogclip.transforms import image_mask_transform
+    from ogclip.zeroshot import class_embeddings
+    from ogclip_kg import server
+    from ogclip_kg.schema import migrate
+    from ogclip_kg.store import GraphStore
+    from ogclip_serve.app import build_app, image_features
+    from ogclip_serve.index import VectorIndex, scores
+    from ogclip_serve.inputs import RawImage, decode_base64, prepare
+
+    report: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                                          "cuda": torch.cuda.is_available()}}
+    with ExitStack() as stack:
+        home = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        settings = Settings(home=home, kg_bolt_port=_free_port(), kg_http_port=_free_port(), neo4j_uri=None,
+                            neo4j_password=None)
+        server.up(settings)
+        stack.callback(server.down, settings)
+        store = stack.enter_context(GraphStore.from_settings(settings))
+        migrate(store)
+
+        torch.manual_seed(0)
+        model = create_model("og-clip-tiny", device="cpu").eval()
+        bundle = export_bundle(model, home / "bundle")
+        keys = [f"bench-class-{i:05d}" for i in range(args.classes)]
+        store.upsert("Target", [{"key": k, "props": {"name": f"bench class {i}", "super_category": "civilian/other"}}
+                                for i, k in enumerate(keys)])
+        store.upsert("ClassSet", [{"key": CLASS_SET, "props": {"size": len(keys)}}])
+        store.link("Target", "IN_CLASS_SET", "ClassSet", [{"from": k, "to": CLASS_SET, "props": {}} for k in keys])
+        started = time.perf_counter()
+        prompts = {k: [f"a photo of a bench class {i}."] for i, k in enumerate(keys)}
+        vectors = class_embeddings(model, prompts)
+        store.write_embeddings(bundle.model_version, {k: v.tolist() for k, v in zip(keys, vectors, strict=True)},
+                               prompts)
+        print(f"bundle {bundle.model_version}; {len(keys)} class embeddings written in "
+              f"{time.perf_counter() - started:.1f}s")
+
+        sample = render(TargetClass("bench", "military aircraft", "swept wing", "grey"), seed=0, size=64)
+        payload = {"images": [{"image": base64.b64encode(_png(sample.image)).decode(),
+                               "mask": base64.b64encode(_png(sample.mask)).decode()}],
+                   "class_set": CLASS_SET, "top_k": 5}
+
+        # -- direct in-process calls: the same steps a replica runs, without HTTP and Serve -------------------------
+        classes_cfg = ServeClassesConfig(class_sets=[CLASS_SET])
+        base = ServeConfig(bundle=bundle.path, classes=classes_cfg)
+        transform = image_mask_transform(bundle.preprocess)
+        index = VectorIndex(vectors.numpy(), model.dims)
+        logit_scale = float(model.logit_scale.detach().exp().clamp(max=100))
+
+        def direct(batch: int) -> None:
+            raw = [RawImage(image=decode_base64(payload["images"][0]["image"], "image", 1 << 24),
+                            mask=decode_base64(payload["images"][0]["mask"], "mask", 1 << 24))] * batch
+            prepared = [prepare(item, i, base.limits, transform, None, "none", False) for i, item in enumerate(raw)]
+            features = image_features(model, torch.device("cpu"), prepared)
+            similarities, rows = index.search(features, model.dims[-1], index.size)
+            probabilities = scores(similarities, logit_scale)
+            [[(keys[int(rows[i, j])], float(probabilities[i, j])) for j in range(5)] for i in range(batch)]
+
+        torch.set_num_threads(1)  # as a replica with one CPU
+        report["direct"] = {}
+        for batch in LEVELS:
+            for _ in range(5):
+                direct(batch)
+            latencies = []
+            rounds = max(10, args.requests // batch)
+            started = time.perf_counter()
+            for _ in range(rounds):
+                t0 = time.perf_counter()
+                direct(batch)
+                latencies.append((time.perf_counter() - t0) * 1000)
+            wall = time.perf_counter() - started
+            result = _summary(latencies, wall)
+            result["rps"] = rounds * batch / wall  # images (= requests of one image) per second
+            report["direct"][batch] = result
+
+        # -- search time per embedding size ------------------------------------------------------------------------
+        rng = np.random.default_rng(0)
+        report["search"] = {}
+        for count in (args.classes, args.search_classes):
+            matrix = vectors.numpy() if count == args.classes else rng.standard_normal((count, model.dims[-1]))
+            big = VectorIndex(matrix.astype(np.float32), model.dims)
+            queries = rng.standard_normal((256, model.dims[-1])).astype(np.float32)
+            per_dim = {}
+            for dim in model.dims:
+                for k, label in ((5, "top5"), (count, "all")):
+                    big.search(queries[:8], dim, k)
+                    started = time.perf_counter()
+                    for q in queries:
+                        big.search(q[None], dim, k)
+                    per_dim.setdefault(dim, {})[f"{label}_us_per_query"] = \
+                        (time.perf_counter() - started) / len(queries) * 1e6
+                started = time.perf_counter()
+                big.search(queries, dim, 5)
+                per_dim[dim]["batch256_top5_us_per_query"] = (time.perf_counter() - started) / len(queries) * 1e6
+            report["search"][count] = per_dim
+        torch.set_num_threads(os.cpu_count() or 1)
+
+        # -- the service: batching on and off, one replica each -----------------------------------------------------
+        port = _free_port()
+        os.environ.update({"OGCLIP_HOME": str(home), "OGCLIP_KG_BOLT_PORT": str(settings.kg_bolt_port),
+                           "OGCLIP_KG_HTTP_PORT": str(settings.kg_http_port), "OGCLIP_API_TOKEN": TOKEN})
+        os.environ.pop("OGCLIP_NEO4J_URI", None)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        stack.callback(ray.shutdown)
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        stack.callback(serve.shutdown)
+        deployment = ServeDeploymentConfig(num_cpus=1.0, autoscaling=ServeAutoscalingConfig(min_replicas=1,
+                                           max_replicas=1), max_ongoing_requests=64, max_queued_requests=512)
+        modes = {"batched": ServeBatchingConfig(enabled=True, max_batch_size=32, batch_wait_timeout_s=0.005),
+                 "unbatched": ServeBatchingConfig(enabled=False)}
+        for mode, batching in modes.items():
+            cfg = base.model_copy(update={"app_name": mode, "port": port, "deployment": deployment.model_copy(
+                update={"name": f"classifier-{mode}"}), "batching": batching})
+            serve.run(build_app(cfg), name=mode, route_prefix=f"/{mode}")
+        serve.run(_noop_app(), name="noop", route_prefix="/noop")
+        print("service up: batching on at /batched, off at /unbatched, no-op at /noop (one replica each, 1 CPU)")
+        report["serve"] = {}
+        for mode in (*modes, "noop"):
+            url = f"http://127.0.0.1:{port}/{mode}/v1/classify"  # the no-op app answers any path
+            asyncio.run(_load(url, payload, 4, 40))  # warm-up
+            report["serve"][mode] = {}
+            for concurrency in LEVELS:
+                report["serve"][mode][concurrency] = asyncio.run(_load(url, payload, concurrency, args.requests))
+
+    print()
+    print(f"POST /v1/classify, one 64-px image + mask, {args.classes} classes, full dim "
+          f"({args.requests} requests per row):")
+    print(f"{'':<22}{'conc.':>6}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
+    for mode in ("batched", "unbatched", "noop"):
+        for concurrency, r in report["serve"][mode].items():
+            label = "serve floor (no-op)" if mode == "noop" else f"serve, {mode}"
+            print(f"{label:<22}{concurrency:>6}{r['rps']:>9.1f}{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}"
+                  f"{r['errors']:>8}")
+    for batch, r in report["direct"].items():
+        label = "direct, 1 image" if batch == 1 else f"direct, batch of {batch}"
+        print(f"{label:<22}{'-':>6}{r['rps']:>9.1f}{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}{'':>8}")
+    for mode in ("batched", "unbatched"):
+        overhead = report["serve"][mode][1]["p50_ms"] - report["direct"][1]["p50_ms"]
+        report[f"serving_overhead_p50_ms_{mode}"] = overhead
+        print(f"serving overhead at concurrency 1, {mode} (p50 of serve - p50 of the direct call): {overhead:.1f} ms")
+    print()
+    print("faiss exact search, µs per query (single query: top 5 / all classes; batch of 256: top 5):")
+    for count, per_dim in report["search"].items():
+        print(f"  {count} classes: " + "  ".join(
+            f"d={dim}: {r['top5_us_per_query']:.0f}/{r['all_us_per_query']:.0f}/{r['batch256_top5_us_per_query']:.1f}"
+            for dim, r in per_dim.items()))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2, default=str))
+    print(f"\nwritten to {args.output}")
+
+
+if __name__ == "__main__":
+    main()

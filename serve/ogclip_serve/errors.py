@@ -1,0 +1,61 @@
+"""Errors the service answers with: each carries its HTTP status and a message that names the problem.
+
+The body is OpenAI's error shape, ``{"error": {"message", "type", "param", "code"}}``, on every endpoint, so the
+``openai`` client raises its usual exceptions (BadRequestError, NotFoundError, ...) with our message.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ServiceError(Exception):
+    """A request the service will not (or cannot now) serve; never a crash of the replica."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class BadRequest(ServiceError):
+    """Input the service cannot use: undecodable, malformed, or naming something unsupported."""
+
+
+class PayloadTooLarge(ServiceError):
+    status = 413
+    code = "payload_too_large"
+
+
+class NotFound(ServiceError):
+    status = 404
+    code = "not_found"
+
+
+class Unauthorized(ServiceError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class NotReady(ServiceError):
+    status = 503
+    type = "server_error"
+    code = "not_ready"
+
+
+class EmbeddingVersionError(RuntimeError):
+    """Class embeddings and bundle disagree (no embeddings for the bundle's version, or another dimension).
+
+    Raised at replica start, so the deployment fails loudly instead of serving a classifier whose classes were
+    embedded by a different model.
+    """

@@ -1,0 +1,119 @@
+"""Vector search over class embeddings: one exact faiss inner-product index per served embedding size.
+
+Class embeddings are stored at the full size D; the index for size d holds their first d components re-normalised
+(``ogclip.models.truncate``), which is what the Matryoshka head serves at d. The vectors are unit length, so inner
+product is cosine similarity. ``faiss`` is imported lazily (faiss-cpu, or faiss-gpu when the machine has it: the
+index is then copied to the GPU).
+
+A :class:`Snapshot` is immutable: the sync thread builds a new one and swaps the reference, and a request reads the
+reference once, so it sees one consistent revision however long it takes.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+def _faiss() -> Any:
+    import faiss
+
+    return faiss
+
+
+def normalise(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero), as contiguous float32 for faiss."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
+    return np.ascontiguousarray(vectors / np.maximum(norms, 1e-12), dtype=np.float32)
+
+
+def gpu_available() -> bool:
+    """True when faiss was built with GPU support and sees a GPU."""
+    faiss = _faiss()
+    return hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
+
+
+class VectorIndex:
+    """Exact (flat) inner-product indexes of the same class vectors at several embedding sizes.
+
+    Flat search is exact and, at the few thousand classes of a class set, takes microseconds to a millisecond;
+    an approximate index would only add recall loss. A GPU index is not safe to search from two threads at once,
+    so GPU searches take a lock; CPU searches do not need one.
+    """
+
+    def __init__(self, vectors: np.ndarray, dims: list[int], use_gpu: bool = False) -> None:
+        faiss = _faiss()
+        vectors = np.asarray(vectors, dtype=np.float32).reshape(len(vectors), -1)
+        self.size = len(vectors)
+        self.full_dim = vectors.shape[1]
+        self.on_gpu = use_gpu and gpu_available()
+        self._lock = threading.Lock() if self.on_gpu else None
+        self._indexes: dict[int, Any] = {}
+        self._resources = faiss.StandardGpuResources() if self.on_gpu else None
+        for dim in dims:
+            index = faiss.IndexFlatIP(dim)
+            if self.size:
+                index.add(normalise(vectors[:, :dim]))
+            if self.on_gpu:
+                index = faiss.index_cpu_to_gpu(self._resources, 0, index)
+            self._indexes[dim] = index
+
+    @property
+    def dims(self) -> list[int]:
+        return sorted(self._indexes)
+
+    def search(self, queries: np.ndarray, dim: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(similarities, row ids), each (len(queries), k), best first; ``queries`` are full-size features."""
+        k = min(k, self.size)
+        query = normalise(np.asarray(queries, dtype=np.float32)[:, :dim])
+        if k == 0:
+            return np.zeros((len(query), 0), np.float32), np.zeros((len(query), 0), np.int64)
+        index = self._indexes[dim]
+        if self._lock is None:
+            return index.search(query, k)
+        with self._lock:
+            return index.search(query, k)
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    key: str
+    name: str
+    super_category: str | None
+
+
+@dataclass(frozen=True)
+class ClassSetIndex:
+    """One served class set: its classes (rows of ``index``, sorted by key) and their full-size vectors."""
+
+    name: str
+    classes: list[ClassInfo]
+    vectors: np.ndarray
+    index: VectorIndex
+    missing: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything a request needs from the graph, at one revision."""
+
+    model_version: str
+    revision: str
+    class_sets: dict[str, ClassSetIndex]
+    classes: dict[str, ClassInfo]
+    vectors: dict[str, np.ndarray]
+    loaded_at: float = field(default_factory=time.time)
+    load_seconds: float = 0.0
+
+
+def scores(similarities: np.ndarray, logit_scale: float) -> np.ndarray:
+    """Softmax over the candidates of ``logit_scale`` × cosine similarity, as CLIP's zero-shot classifier."""
+    logits = logit_scale * similarities.astype(np.float64)
+    logits -= logits.max(axis=-1, keepdims=True)
+    exp = np.exp(logits)
+    return (exp / exp.sum(axis=-1, keepdims=True)).astype(np.float32)

@@ -1,0 +1,639 @@
+"""The classification service end to end: a real Ray Serve app on 127.0.0.1, the real graph over Bolt (seeded), a
+real og-clip-tiny bundle exported here, real HTTP (requests and the openai client).
+
+One Serve app (two replicas) is shared by the module; the tests that disturb it (overload, a killed replica) run
+last. Expected answers are computed in this process with the same model, so the tests check the numbers, not only
+the shapes.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import requests
+import torch
+import yaml
+from conftest import free_port
+from PIL import Image
+
+from ogclip.bundle import BundleInfo, BundleVersionError, export_bundle
+from ogclip.config import (
+    ServeAutoscalingConfig,
+    ServeClassesConfig,
+    ServeConfig,
+    ServeDeploymentConfig,
+    ServeLimitsConfig,
+    ServeMaskConfig,
+    load_yaml_config,
+)
+from ogclip.models import OGCLIP, create_model, truncate
+from ogclip.segment import CpuSegmenter
+from ogclip.settings import Settings
+from ogclip.synth import TargetClass, render
+from ogclip.transforms import image_mask_transform
+from ogclip.zeroshot import class_embeddings
+from ogclip_kg import cypher
+from ogclip_kg.prompts import fetch_class_facts, prompt_texts
+from ogclip_kg.server import bolt_uri
+from ogclip_kg.store import GraphStore
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "test-token-" + "x" * 24
+HOT_SET = "serve-hot"  # a class set of the tests' own, so the seeded train/test sets stay as they are
+APP = "ogclip-test"
+
+
+# -- fixtures ------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[OGCLIP, BundleInfo]:
+    torch.manual_seed(0)
+    model = create_model("og-clip-tiny", device="cpu")
+    # A fresh OG-CLIP ignores the mask (its ROI conv is zero-initialised: plug-and-play). Give the ROI branch
+    # weights, as training would, so that a mask changes the embedding and the tests can see it reach the model.
+    with torch.no_grad():
+        model.visual.conv1.roi.weight.normal_(0.0, 0.05)
+    info = export_bundle(model, tmp_path_factory.mktemp("serve") / "bundle")
+    return model.eval(), info
+
+
+def _embed(model: OGCLIP, rows: list[dict[str, Any]]) -> tuple[dict[str, list[float]], dict[str, list[str]]]:
+    """Class embeddings exactly as the export step makes them."""
+    prompts = {row["key"]: prompt_texts(row) for row in rows}
+    vectors = class_embeddings(model, prompts)
+    return {key: vector.tolist() for key, vector in zip(prompts, vectors, strict=True)}, prompts
+
+
+@dataclass
+class World:
+    test_rows: dict[str, dict[str, Any]]  # the seeded unseen test classes, with their facts
+    hot_rows: dict[str, dict[str, Any]]  # three train classes: one in the hot set from the start, two added later
+    vectors: dict[str, np.ndarray]  # the test classes' embeddings as written to the graph
+
+
+@pytest.fixture(scope="module")
+def world(graph: GraphStore, bundle: tuple[OGCLIP, BundleInfo]) -> World:
+    model, info = bundle
+    test_keys = [r["key"] for r in graph.read(cypher.CLASS_SET_KEYS, key="test")]
+    test_rows = {r["key"]: r for r in fetch_class_facts(graph, test_keys)}
+    vectors, prompts = _embed(model, list(test_rows.values()))
+    graph.write_embeddings(info.model_version, vectors, prompts)
+    train_keys = [r["key"] for r in graph.read(cypher.CLASS_SET_KEYS, key="train")]
+    hot_rows = {r["key"]: r for r in fetch_class_facts(graph, train_keys[100:103])}
+    first = next(iter(hot_rows))
+    graph.upsert("ClassSet", [{"key": HOT_SET, "props": {"size": 1}}])
+    graph.link("Target", "IN_CLASS_SET", "ClassSet", [{"from": first, "to": HOT_SET, "props": {}}])
+    yield World(test_rows, hot_rows, {k: np.asarray(v, np.float32) for k, v in vectors.items()})
+    graph.write(cypher.DELETE_CLASS_SET, key=HOT_SET)
+    graph.write(cypher.DELETE_EMBEDDINGS, model_version=info.model_version)
+
+
+@dataclass
+class Service:
+    url: str
+    cfg: ServeConfig
+    metrics_port: int
+    session: requests.Session
+
+    def post(self, path: str, token: str | None = TOKEN, **kwargs: Any) -> requests.Response:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return self.session.post(self.url + path, headers=headers, timeout=60, **kwargs)
+
+    def get(self, path: str, token: str | None = TOKEN, **kwargs: Any) -> requests.Response:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return self.session.get(self.url + path, headers=headers, timeout=60, **kwargs)
+
+
+def _graph_env(graph: GraphStore, kg_settings: Settings) -> dict[str, str]:
+    """The environment that points a replica (a Ray worker, which inherits it) at the tests' graph."""
+    if graph.uri == bolt_uri(kg_settings):
+        return {"OGCLIP_HOME": str(kg_settings.home), "OGCLIP_KG_BOLT_PORT": str(kg_settings.kg_bolt_port),
+                "OGCLIP_KG_HTTP_PORT": str(kg_settings.kg_http_port)}
+    return {}
+
+
+def service_config(info: BundleInfo, port: int, **updates: Any) -> ServeConfig:
+    cfg = ServeConfig(
+        bundle=info.path, model_version=info.model_version, app_name=APP, host="127.0.0.1", port=port,
+        deployment=ServeDeploymentConfig(num_cpus=0.25, autoscaling=ServeAutoscalingConfig(
+            min_replicas=2, max_replicas=2), max_ongoing_requests=4, max_queued_requests=4),
+        limits=ServeLimitsConfig(max_images_per_request=8, max_image_bytes=256 * 1024, max_pixels=1_000_000,
+                                 max_request_bytes=4 * 1024 * 1024),
+        classes=ServeClassesConfig(class_sets=["test", HOT_SET], poll_interval_s=0.5),
+        masks=ServeMaskConfig(segmenter="cpu"),
+    )
+    return cfg.model_copy(update=updates)
+
+
+@pytest.fixture(scope="module")
+def service(graph: GraphStore, kg_settings: Settings, world: World, bundle: tuple[OGCLIP, BundleInfo]) -> Service:
+    import ray
+    from ray import serve
+
+    from ogclip_serve.app import build_app
+
+    _, info = bundle
+    port, metrics_port = free_port(), free_port()
+    cfg = service_config(info, port)
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in {**_graph_env(graph, kg_settings), "OGCLIP_API_TOKEN": TOKEN}.items():
+            patch.setenv(key, value)
+        patch.delenv("RAY_ADDRESS", raising=False)
+        if ray.is_initialized():
+            ray.shutdown()
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port)
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            serve.run(build_app(cfg), name=APP, route_prefix="/")
+            with requests.Session() as session:
+                yield Service(f"http://127.0.0.1:{port}", cfg, metrics_port, session)
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+
+
+# -- helpers -------------------------------------------------------------------------------------------------------
+
+def png(image: Image.Image | np.ndarray) -> bytes:
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def renders(rows: dict[str, dict[str, Any]], count: int, seed: int = 0) -> list[tuple[str, Image.Image, np.ndarray]]:
+    """(class key, image, mask) for the first ``count`` classes of ``rows``."""
+    out = []
+    for i, (key, row) in enumerate(list(rows.items())[:count]):
+        sample = render(TargetClass.from_facts(row), seed=seed + i, size=64)
+        out.append((key, sample.image, sample.mask))
+    return out
+
+
+def expected_similarities(model: OGCLIP, info: BundleInfo, image: Image.Image, mask: np.ndarray | None,
+                          vectors: dict[str, np.ndarray], dim: int) -> dict[str, float]:
+    """Cosine similarity of an image to every class at ``dim``, computed here with the same weights."""
+    image_t, mask_t = image_mask_transform(info.preprocess)(image, mask)
+    with torch.no_grad():
+        embedding = model.encode_image(image_t[None], mask_t[None], dim=dim)[0].numpy()
+    keys = sorted(vectors)
+    classes = truncate(torch.tensor(np.stack([vectors[k] for k in keys])), dim).numpy()
+    return dict(zip(keys, (classes @ embedding).tolist(), strict=True))
+
+
+def classify(service: Service, images: list[dict[str, Any]], **options: Any) -> requests.Response:
+    return service.post("/v1/classify", json={"images": images, **options})
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A valid PNG header claiming ``width``×``height`` pixels, with a tiny compressed body (a decompression bomb)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    body = zlib.compress(b"\x00" * (width + 1) * 16, 9)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
+
+
+# -- fast tests: no Serve app ----------------------------------------------------------------------------------------
+
+def test_shipped_config_renders_a_valid_ray_serve_deploy_config(tmp_path: Path) -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    from ogclip_serve.app import config_from_args, deployment_options
+    from ogclip_serve.server import deploy_config
+
+    cfg = load_yaml_config(ROOT / "infra/serve/demo.yaml", ServeConfig)
+    rendered = deploy_config(cfg)
+    schema = ServeDeploySchema.model_validate(rendered) if hasattr(ServeDeploySchema, "model_validate") \
+        else ServeDeploySchema.parse_obj(rendered)
+    app = schema.applications[0]
+    assert app.import_path == "ogclip_serve.app:build_app"
+    assert config_from_args(app.args) == cfg, "the rendered args rebuild the same config"
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump({"config": "ignored"}))
+    assert config_from_args({"config": str(ROOT / "infra/serve/demo.yaml")}) == cfg
+    options = deployment_options(cfg)
+    assert options["autoscaling_config"]["max_replicas"] == cfg.deployment.autoscaling.max_replicas
+    assert options["max_queued_requests"] == cfg.deployment.max_queued_requests
+    with pytest.raises(ValueError, match="max_replicas"):
+        ServeAutoscalingConfig(min_replicas=3, max_replicas=2)
+    with pytest.raises(ValueError, match="replcas"):
+        ServeConfig.model_validate({"deployment": {"autoscaling": {"min_replcas": 1}}})
+
+
+def test_auth_policy_needs_a_token_outside_local_mode() -> None:
+    from ogclip_serve.auth import AuthPolicy
+    from ogclip_serve.errors import Unauthorized
+
+    with pytest.raises(RuntimeError, match="OGCLIP_API_TOKEN"):
+        AuthPolicy.from_settings(Settings(api_token=None, local_mode=False), "127.0.0.1")
+    with pytest.raises(RuntimeError, match="loopback"):
+        AuthPolicy.from_settings(Settings(api_token=None, local_mode=True), "0.0.0.0")
+    assert not AuthPolicy.from_settings(Settings(api_token=None, local_mode=True), "127.0.0.1").required
+    policy = AuthPolicy.from_settings(Settings(api_token="s3cret-token"), "0.0.0.0")
+    policy.check("Bearer s3cret-token")
+    for header in (None, "", "Basic s3cret-token", "Bearer wrong"):
+        with pytest.raises(Unauthorized):
+            policy.check(header)
+
+
+def test_cli_serve_status_and_refusals(tmp_path: Path) -> None:
+    env = {**os.environ, "OGCLIP_HOME": str(tmp_path)}
+    status = subprocess.run([sys.executable, "-m", "ogclip_jobs.cli", "serve", "status"], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0 and "stopped" in status.stdout
+    missing = tmp_path / "serve.yaml"
+    missing.write_text(f"bundle: {tmp_path / 'no-bundle'}\n")
+    up = subprocess.run([sys.executable, "-m", "ogclip_jobs.cli", "serve", "up", "--config", str(missing)], env=env,
+                        capture_output=True, text=True, timeout=120)
+    assert up.returncode == 2 and "does not exist" in up.stderr
+
+
+def test_version_mismatch_is_refused_loudly(graph: GraphStore, kg_settings: Settings, world: World,
+                                            bundle: tuple[OGCLIP, BundleInfo], tmp_path: Path) -> None:
+    from ogclip_serve.errors import EmbeddingVersionError
+    from ogclip_serve.server import preflight
+
+    _, info = bundle
+    settings = kg_settings if graph.uri == bolt_uri(kg_settings) else Settings()
+    assert preflight(service_config(info, 8000), settings)["model_version"] == info.model_version
+    with pytest.raises(BundleVersionError, match="expected ogc-0000"):
+        preflight(service_config(info, 8000, model_version="ogc-0000"), settings)
+    torch.manual_seed(1)
+    other = export_bundle(create_model("og-clip-tiny", device="cpu"), tmp_path / "other")
+    with pytest.raises(EmbeddingVersionError, match=f"no class embeddings for the bundle's model_version "
+                                                    f"{other.model_version}.*{info.model_version}"):
+        preflight(service_config(other, 8000, model_version=None), settings)
+
+
+# -- the running service -------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_openapi_health_readiness_and_auth(service: Service, bundle: tuple[OGCLIP, BundleInfo]) -> None:
+    _, info = bundle
+    spec = service.get("/openapi.json", token=None).json()
+    assert {"/v1/classify", "/v1/embeddings", "/v1/classes", "/healthz", "/readyz"} <= set(spec["paths"])
+    body = spec["paths"]["/v1/classify"]["post"]["requestBody"]["content"]
+    assert {"application/json", "multipart/form-data"} <= set(body)
+    assert "ClassifyRequest" in spec["components"]["schemas"] and "HTTPBearer" in str(spec["components"])
+    assert service.get("/healthz", token=None).json() == {"status": "ok"}
+    ready = service.get("/readyz", token=None).json()
+    assert ready["model_version"] == info.model_version and ready["classes"]["test"] == 99
+    assert ready["classes"][HOT_SET] == 1, "the hot set's first class had no embedding: embedded at start"
+    for token in (None, "wrong-token"):
+        response = service.get("/v1/classes", token=token)
+        assert response.status_code == 401 and "bearer token" in response.json()["error"]["message"]
+        assert response.headers["www-authenticate"] == "Bearer"
+    classes = service.get("/v1/classes", params={"class_set": "test"}).json()
+    assert classes["model_version"] == info.model_version and classes["revision"] == ready["revision"]
+    members = next(s for s in classes["class_sets"] if s["name"] == "test")["members"]
+    assert len(members) == 99 and {m["super_category"] for m in members} == {"military aircraft", "warship",
+                                                                            "civilian/other"}
+
+
+@pytest.mark.slow
+def test_classify_with_and_without_mask_at_every_dim(service: Service, world: World,
+                                                     bundle: tuple[OGCLIP, BundleInfo]) -> None:
+    model, info = bundle
+    samples = renders(world.test_rows, 3)
+    with_mask = [{"image": b64(png(image)), "mask": b64(png(mask))} for _, image, mask in samples]
+    without = [{"image": b64(png(image))} for _, image, _ in samples]
+    revision = service.get("/readyz").json()["revision"]
+    for dim in model.dims:
+        answers = {}
+        for name, images, segment in (("mask", with_mask, None), ("none", without, False)):
+            response = classify(service, images, class_set="test", dim=dim, top_k=5, segment=segment)
+            assert response.status_code == 200, response.text
+            body = response.json()
+            assert body["model_version"] == info.model_version and body["class_set_revision"] == revision
+            assert body["dim"] == dim and body["class_set"] == "test" and len(body["results"]) == 3
+            answers[name] = body
+            for (_, image, mask), result in zip(samples, body["results"], strict=True):
+                assert result["mask_source"] == name
+                labels = result["labels"]
+                assert len(labels) == 5 and all(label["label"] in world.test_rows for label in labels)
+                assert [label["score"] for label in labels] == sorted((label["score"] for label in labels),
+                                                                      reverse=True)
+                assert all(label["super_category"] == world.test_rows[label["label"]]["super_category"]
+                           for label in labels)
+                expected = expected_similarities(model, info, image, mask if name == "mask" else None,
+                                                 world.vectors, dim)
+                best = max(expected, key=expected.get)
+                assert labels[0]["label"] == best
+                for label in labels:
+                    assert label["similarity"] == pytest.approx(expected[label["label"]], abs=1e-4)
+        # The mask reaches the ROI channel: the same images score differently with it.
+        sims = [[label["similarity"] for label in r["labels"]] for r in answers["mask"]["results"]]
+        assert sims != [[label["similarity"] for label in r["labels"]] for r in answers["none"]["results"]]
+
+
+@pytest.mark.slow
+def test_classify_multipart_boxes_segmenter_and_labels(service: Service, world: World,
+                                                       bundle: tuple[OGCLIP, BundleInfo]) -> None:
+    model, info = bundle
+    (key, image, mask), (_, image2, _) = renders(world.test_rows, 2, seed=7)
+    files = [("image", ("a.png", png(image), "image/png")), ("image", ("b.png", png(image2), "image/png")),
+             ("mask", ("a-mask.png", png(mask), "image/png")), ("mask", ("b-mask.png", png(mask), "image/png"))]
+    response = service.post("/v1/classify", files=files, data={"class_set": "test", "dim": "32", "top_k": "3"})
+    assert response.status_code == 200, response.text
+    first = response.json()["results"][0]
+    assert first["mask_source"] == "mask" and len(first["labels"]) == 3
+    expected = expected_similarities(model, info, image, mask, world.vectors, 32)
+    assert first["labels"][0]["similarity"] == pytest.approx(max(expected.values()), abs=1e-4)
+
+    # A box without a segmenter: the box is the ROI. With the segmenter: what it finds inside the box.
+    ys, xs = np.nonzero(mask)
+    box = [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
+    plain = classify(service, [{"image": b64(png(image)), "box": box}], segment=False).json()["results"][0]
+    assert plain["mask_source"] == "box"
+    box_mask = np.zeros_like(mask)
+    box_mask[int(box[1]):int(box[3]), int(box[0]):int(box[2])] = 255
+    expected = expected_similarities(model, info, image, box_mask, world.vectors, model.dims[-1])
+    assert plain["labels"][0]["similarity"] == pytest.approx(max(expected.values()), abs=1e-4)
+    segmented = classify(service, [{"image": b64(png(image)), "box": box}]).json()["results"][0]
+    assert segmented["mask_source"] == "cpu"
+    found = (CpuSegmenter().segment(image, box) * 255).astype(np.uint8)
+    expected = expected_similarities(model, info, image, found, world.vectors, model.dims[-1])
+    assert segmented["labels"][0]["similarity"] == pytest.approx(max(expected.values()), abs=1e-4)
+    assert classify(service, [{"image": b64(png(image))}]).json()["results"][0]["mask_source"] == "cpu"
+
+    # Explicit candidate labels, inside and outside the served sets (the latter embedded on demand).
+    outside = list(world.hot_rows)[2]
+    labels = [key, *list(world.test_rows)[10:12], outside]
+    body = classify(service, [{"image": b64(png(image)), "mask": b64(png(mask))}], labels=labels, top_k=10).json()
+    assert body["class_set"] is None and sorted(r["label"] for r in body["results"][0]["labels"]) == sorted(labels)
+    assert sum(r["score"] for r in body["results"][0]["labels"]) == pytest.approx(1.0, abs=1e-4)
+    unknown = classify(service, [{"image": b64(png(image))}], labels=["no-such-class"])
+    assert unknown.status_code == 404 and "no-such-class" in unknown.json()["error"]["message"]
+
+
+@pytest.mark.slow
+def test_embeddings_through_the_openai_client(service: Service, world: World,
+                                              bundle: tuple[OGCLIP, BundleInfo]) -> None:
+    import openai
+
+    model, info = bundle
+    client = openai.OpenAI(base_url=service.url + "/v1", api_key=TOKEN, max_retries=0)
+    texts = ["a photo of a fighter jet", "a destroyer at sea"]
+    (_, image, _), = renders(world.test_rows, 1, seed=3)
+    image_url = "data:image/png;base64," + b64(png(image))
+    image_t, mask_t = image_mask_transform(info.preprocess)(image, None)
+    for dim in model.dims:
+        # The client asks for base64 by default and decodes it itself; asked for explicitly, it is left to us.
+        for encoding in (openai.NOT_GIVEN, "float", "base64"):
+            result = client.embeddings.create(model="og-clip-tiny", input=[*texts, image_url], dimensions=dim,
+                                              encoding_format=encoding)
+            got = np.array([np.frombuffer(base64.b64decode(item.embedding), "<f4") if encoding == "base64"
+                            else item.embedding for item in result.data])
+            assert got.shape == (3, dim) and result.model == "og-clip-tiny"
+            with torch.no_grad():
+                want = torch.cat([model.encode_text(texts, dim=dim),
+                                  model.encode_image(image_t[None], mask_t[None], dim=dim)]).numpy()
+            np.testing.assert_allclose(got, want, atol=1e-4)
+    default = client.embeddings.create(model=info.model_version, input="a cargo ship")
+    assert len(default.data[0].embedding) == model.dims[-1] and default.usage.prompt_tokens > 0
+    with pytest.raises(openai.BadRequestError, match="unsupported dimensions 100"):
+        client.embeddings.create(model="og-clip-tiny", input="x", dimensions=100)
+    with pytest.raises(openai.NotFoundError, match="not served here"):
+        client.embeddings.create(model="text-embedding-3-small", input="x")
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=service.url + "/v1", api_key="wrong", max_retries=0).embeddings.create(
+            model="og-clip-tiny", input="x")
+
+
+@pytest.mark.slow
+def test_every_bad_input_is_a_clear_4xx_and_the_replicas_survive(service: Service, world: World) -> None:
+    (_, image, mask), = renders(world.test_rows, 1)
+    good = b64(png(image))
+    huge = Image.fromarray(np.random.default_rng(0).integers(0, 255, (400, 400, 3), dtype=np.uint8))
+    cases: list[tuple[str, dict[str, Any], int, str]] = [
+        ("undecodable", {"images": [{"image": b64(b"this is not an image")}]}, 400, "cannot decode"),
+        ("truncated", {"images": [{"image": b64(png(image)[:60])}]}, 400, "cannot decode"),
+        ("not base64", {"images": [{"image": "%%%not-base64%%%"}]}, 400, "not valid base64"),
+        ("oversized bytes", {"images": [{"image": b64(png(huge))}]}, 413, "limit"),
+        ("decompression bomb", {"images": [{"image": b64(bomb_png(20_000, 20_000))}]}, 413, "pixels"),
+        ("mask size", {"images": [{"image": good, "mask": b64(png(mask[:32, :32]))}]}, 400, "32×32"),
+        ("mask and box", {"images": [{"image": good, "mask": b64(png(mask)), "box": [0, 0, 5, 5]}]}, 400, "not both"),
+        ("box outside", {"images": [{"image": good, "box": [100, 100, 120, 120]}]}, 400, "does not cover"),
+        ("unknown class set", {"images": [{"image": good}], "class_set": "no-such-set"}, 404, "unknown class set"),
+        ("unsupported dim", {"images": [{"image": good}], "dim": 100}, 400, "unsupported dim 100"),
+        ("too many images", {"images": [{"image": good}] * 9}, 400, "too many images: 9 > 8"),
+        ("top_k", {"images": [{"image": good}], "top_k": 1000}, 400, "top_k"),
+        ("unknown field", {"images": [{"image": good}], "colour": "red"}, 422, "colour"),
+        ("no images", {"images": []}, 422, "images"),
+        ("labels and set", {"images": [{"image": good}], "labels": ["x"], "class_set": "test"}, 400, "not both"),
+    ]
+    for name, payload, status, message in cases:
+        response = service.post("/v1/classify", json=payload)
+        assert response.status_code == status, (name, response.text)
+        assert message in response.json()["error"]["message"], (name, response.text)
+    response = service.session.post(service.url + "/v1/classify", data=b"{not json", timeout=30,
+                                    headers={"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"})
+    assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
+    response = service.session.post(service.url + "/v1/classify", data=b"x" * (5 * 1024 * 1024), timeout=30,
+                                    headers={"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"})
+    assert response.status_code == 413, response.text
+    response = service.post("/v1/classify", files=[("image", ("a.png", png(image), "image/png")),
+                                                   ("mask", ("m.png", png(mask), "image/png")),
+                                                   ("mask", ("n.png", png(mask), "image/png"))])
+    assert response.status_code == 400 and "one per image" in response.json()["error"]["message"]
+    response = service.post("/v1/embeddings", json={"model": "og-clip-tiny", "input": [[1, 2, 3]]})
+    assert response.status_code == 400 and "token arrays" in response.json()["error"]["message"]
+    response = service.post("/v1/embeddings", json={"model": "og-clip-tiny", "input": "x" * 5000})
+    assert response.status_code == 400 and "limit" in response.json()["error"]["message"]
+    # Nothing above hurt a replica: both still answer, and a good request still works.
+    assert all(service.get("/readyz").status_code == 200 for _ in range(4))
+    assert classify(service, [{"image": good}]).status_code == 200
+
+
+@pytest.mark.slow
+def test_hot_class_addition_during_a_stream_of_requests(service: Service, graph: GraphStore, world: World,
+                                                        bundle: tuple[OGCLIP, BundleInfo]) -> None:
+    model, info = bundle
+    first, exported, on_demand = list(world.hot_rows)
+    images = [b64(png(image)) for _, image, _ in renders(world.hot_rows, 3, seed=11)]
+    statuses: Counter[int] = Counter()
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def stream(worker: int) -> None:
+        with requests.Session() as session:
+            i = 0
+            while not stop.is_set():
+                class_set = HOT_SET if (i + worker) % 2 else "test"
+                response = session.post(service.url + "/v1/classify", timeout=60,
+                                        headers={"Authorization": f"Bearer {TOKEN}"},
+                                        json={"images": [{"image": images[i % 3]}], "class_set": class_set})
+                statuses[response.status_code] += 1
+                if response.status_code != 200:
+                    failures.append(response.text)
+                i += 1
+
+    before = service.get("/readyz").json()["revision"]
+    workers = [threading.Thread(target=stream, args=(w,)) for w in range(3)]
+    for worker in workers:
+        worker.start()
+    try:
+        time.sleep(1.0)
+        # One class as the export step adds it (its embedding written first), one with no embedding at all: the
+        # replicas embed it with their own text tower and write it back.
+        vectors, prompts = _embed(model, [world.hot_rows[exported]])
+        graph.write_embeddings(info.model_version, vectors, prompts)
+        graph.link("Target", "IN_CLASS_SET", "ClassSet", [{"from": exported, "to": HOT_SET, "props": {}},
+                                                          {"from": on_demand, "to": HOT_SET, "props": {}}])
+        deadline, seen = time.monotonic() + 90, 0
+        while seen < 6:  # six answers in a row (from both replicas) show the new classes
+            assert time.monotonic() < deadline, "the replicas did not pick up the new classes"
+            listing = service.get("/v1/classes", params={"class_set": HOT_SET}).json()
+            members = {m["key"] for m in next(s for s in listing["class_sets"] if s["name"] == HOT_SET)["members"]}
+            seen = seen + 1 if members == {first, exported, on_demand} else 0
+            time.sleep(0.2)
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join()
+    assert failures == [] and statuses[200] > 10, (statuses, failures[:3])
+    after = service.get("/readyz").json()["revision"]
+    assert after != before
+    body = classify(service, [{"image": images[2]}], class_set=HOT_SET, top_k=3).json()
+    assert body["class_set_revision"] == after
+    assert {r["label"] for r in body["results"][0]["labels"]} == {first, exported, on_demand}
+    # The class embedded on demand is in the graph now, exactly as the export step would have embedded it.
+    stored = graph.read_embeddings(info.model_version)[on_demand]
+    want, _ = _embed(model, [world.hot_rows[on_demand]])
+    np.testing.assert_allclose(stored, want[on_demand], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_metrics_are_exported_for_prometheus(service: Service) -> None:
+    wanted = ("ray_ogclip_requests_total", "ray_ogclip_request_latency_ms_bucket", "ray_ogclip_batch_size_bucket",
+              "ray_ogclip_errors_total", "ray_ogclip_embedding_revision", "ray_ogclip_embedding_reloads_total",
+              "ray_ogclip_classes", "ray_ogclip_on_demand_embeddings_total")
+    deadline, text = time.monotonic() + 60, ""
+    while time.monotonic() < deadline:
+        text = requests.get(f"http://127.0.0.1:{service.metrics_port}/metrics", timeout=10).text
+        if all(name in text for name in wanted):
+            break
+        time.sleep(2)
+    missing = [name for name in wanted if name not in text]
+    assert not missing, missing
+    lines = [line for line in text.splitlines() if line.startswith("ray_ogclip_requests_total")]
+    assert any('endpoint="/v1/classify"' in line and 'status="200"' in line for line in lines)
+    assert any('status="413"' in line for line in lines) and any(f'application="{APP}"' in line for line in lines)
+
+
+@pytest.mark.slow
+def test_overload_is_refused_with_503_not_queued(service: Service, world: World) -> None:
+    images = [{"image": b64(png(image))} for _, image, _ in renders(world.test_rows, 8, seed=21)]
+    barrier = threading.Barrier(40)
+    statuses: Counter[int] = Counter()
+
+    def burst() -> None:
+        with requests.Session() as session:
+            barrier.wait()
+            response = session.post(service.url + "/v1/classify", json={"images": images}, timeout=120,
+                                    headers={"Authorization": f"Bearer {TOKEN}"})
+            statuses[response.status_code] += 1
+
+    threads = [threading.Thread(target=burst) for _ in range(40)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    print(f"burst of 40 requests on 2 replicas × (4 ongoing + 4 queued): {dict(statuses)}")
+    assert set(statuses) <= {200, 503} and statuses[503] > 0 and statuses[200] > 0, statuses
+    assert classify(service, images[:1]).status_code == 200
+
+
+@pytest.mark.slow
+def test_replica_killed_under_load_recovers(service: Service, world: World) -> None:
+    import ray
+    from ray import serve
+
+    images = [{"image": b64(png(image))} for _, image, _ in renders(world.test_rows, 2, seed=31)]
+    statuses: Counter[int] = Counter()
+    stop = threading.Event()
+    clients = 4
+
+    def load() -> None:
+        with requests.Session() as session:
+            while not stop.is_set():
+                try:
+                    response = session.post(service.url + "/v1/classify", json={"images": images}, timeout=60,
+                                            headers={"Authorization": f"Bearer {TOKEN}"})
+                    statuses[response.status_code] += 1
+                except requests.RequestException:
+                    statuses[-1] += 1
+
+    def running() -> int:
+        deployment = serve.status().applications[APP].deployments[service.cfg.deployment.name]
+        return deployment.replica_states.get("RUNNING", 0)
+
+    replicas = [actor for actor in ray.util.list_named_actors(all_namespaces=True)
+                if actor["name"].startswith(f"SERVE_REPLICA::{APP}#")]
+    assert len(replicas) == 2 and running() == 2
+    threads = [threading.Thread(target=load) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(2.0)
+        served_before = statuses[200]
+        ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
+        deadline = time.monotonic() + 120
+        time.sleep(2.0)
+        while running() < 2:
+            assert time.monotonic() < deadline, "the killed replica was not replaced"
+            time.sleep(1.0)
+        after_recovery = statuses[200]
+        time.sleep(2.0)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    failed = sum(count for status, count in statuses.items() if status != 200)
+    print(f"replica killed under load: {dict(statuses)} (-1 = connection error)")
+    # Only requests in flight on the killed replica may fail: at most one per client.
+    assert failed <= clients, statuses
+    assert served_before > 0 and statuses[200] > after_recovery, "requests kept being served after the kill"
+    assert all(service.get("/readyz").status_code == 200 for _ in range(4))
+
+
+@pytest.mark.gpu
+def test_cuda_replica_parts_match_cpu(bundle: tuple[OGCLIP, BundleInfo], world: World) -> None:
+    from ogclip.bundle import load_bundle
+    from ogclip_serve.index import VectorIndex
+
+    model, info = bundle
+    cuda_model, _ = load_bundle(info.path, info.model_version, device="cuda")
+    (_, image, mask), = renders(world.test_rows, 1)
+    image_t, mask_t = image_mask_transform(info.preprocess)(image, mask)
+    with torch.no_grad():
+        cpu = model.image_features(image_t[None], mask_t[None]).numpy()
+        gpu = cuda_model.image_features(image_t[None].cuda(), mask_t[None].cuda()).float().cpu().numpy()
+    np.testing.assert_allclose(cpu, gpu, atol=1e-3)
+    vectors = np.stack(list(world.vectors.values()))
+    for dim in model.dims:
+        want = VectorIndex(vectors, [dim]).search(cpu, dim, 5)[1]
+        got = VectorIndex(vectors, [dim], use_gpu=True).search(cpu, dim, 5)[1]
+        assert (want == got).all()
