@@ -115,10 +115,11 @@ ROW = {
 
 def test_prompts_carry_the_facts_and_are_deterministic() -> None:
     prompts = class_prompts(ROW, seed=0)
-    assert set(prompts) == {"label", "label_category", "label_attributes", "description"}
+    assert set(prompts) == {"label", "label_category", "label_attributes", "description", "appearance"}
     assert prompts == class_prompts(ROW, seed=0)
     assert "F-16" in prompts["label"] and "fighter" in prompts["label_category"]
     assert "delta wing" in prompts["label_attributes"] and "grey" in prompts["label_attributes"]
+    assert "F-16" not in prompts["appearance"] and "delta wing" in prompts["appearance"]
     text = description(ROW)
     for fact in ("fighter", "Lockheed Martin", "USAF", "1 jet engine", "delta wing", "two-tone", "black accents"):
         assert fact in text

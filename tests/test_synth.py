@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ogclip.synth import TargetClass, render
+from ogclip.synth import COLOURS, SILHOUETTES, TargetClass, render, spread_classes
 
 FIGHTER = TargetClass("grey delta", "military aircraft", "delta wing", "grey", "large")
 
@@ -69,3 +69,16 @@ def test_classes_come_from_graph_facts_and_bad_attributes_are_refused() -> None:
     assert target.backgrounds == ("sea",)
     with pytest.raises(ValueError, match="not one of"):
         TargetClass("bad", "x", "saucer", "grey")
+
+
+def test_spread_classes_cover_every_attribute_value() -> None:
+    # A skewed class set: many small plain grey straight-wing aircraft, one of each other silhouette and colour.
+    targets = {f"common-{i}": TargetClass(f"common {i}", "civilian/other", "straight wing", "grey", "small")
+               for i in range(50)}
+    targets |= {f"{s}-{c}": TargetClass(f"{s} {c}", "civilian/other", s, c)
+                for s, c in zip(SILHOUETTES, COLOURS, strict=True)}
+    keys = spread_classes(targets, 10)
+    assert keys == spread_classes(targets, 10) and len(set(keys)) == 10
+    assert {targets[k].silhouette for k in keys} == set(SILHOUETTES)
+    assert {targets[k].colour for k in keys} == set(COLOURS)
+    assert spread_classes(targets, None) == sorted(targets)

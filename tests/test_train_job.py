@@ -196,6 +196,7 @@ def test_prompts_by_mode_and_training_texts() -> None:
     kg, label = prompts_for([row], "kg")["f-16"], prompts_for([row], "label")["f-16"]
     assert len(label) == 1 and "F-16" in label[0] and "delta wing" not in label[0]
     assert len(kg) >= 3 and any("delta wing" in p for p in kg)
+    assert all("delta wing" in p for p in kg) and any("F-16" not in p for p in kg), "kg prompts describe the look"
     texts = sample_texts(["f-16"] * 200, ["its caption"] * 200, {"f-16": kg}, "kg", random.Random(0))
     assert "its caption" in texts and set(texts) <= {*kg, "its caption"}
     assert set(sample_texts(["f-16"] * 50, ["its caption"] * 50, {"f-16": label}, "label", random.Random(0))) \

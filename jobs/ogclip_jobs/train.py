@@ -5,10 +5,11 @@ decayed), linear warm-up then cosine decay to ``min_lr``, global grad-norm clipp
 ``hybrid_ratio`` of batches replaces the masks with all ones so the model keeps its global view.
 
 The job (:func:`run_training`): Ray Data decodes the Parquet shards and streams them into each worker's
-``get_dataset_shard``; a ``TorchTrainer`` runs :func:`train_loop` on every worker (gloo on CPU, NCCL on GPU, bf16
-autocast on GPU); rank 0 checkpoints every ``checkpoint_every`` steps and a failed worker restarts the group from
-the latest checkpoint (``FailureConfig``). The best checkpoint becomes an export bundle and every class's prompts
-are embedded and written to the graph under the bundle's model version, the contract with serving.
+``get_dataset_shard``, which shuffles them through a local buffer afresh every epoch; a ``TorchTrainer`` runs
+:func:`train_loop` on every worker (gloo on CPU, NCCL on GPU, bf16 autocast on GPU); rank 0 checkpoints every
+``checkpoint_every`` steps and a failed worker restarts the group from the latest checkpoint (``FailureConfig``).
+The best checkpoint becomes an export bundle and every class's prompts are embedded and written to the graph under
+the bundle's model version, the contract with serving.
 """
 
 from __future__ import annotations
@@ -244,7 +245,9 @@ def train_loop(config: dict[str, Any]) -> None:
     started, steps_here = time.perf_counter(), 0
     batch_size = cfg.train.batch_size
     while step < cfg.train.steps:
-        for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True):
+        for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True,
+                                        local_shuffle_buffer_size=cfg.shuffle_buffer,
+                                        local_shuffle_seed=cfg.seed * 1000 + rank + step):
             images = torch.from_numpy(batch["image"]).to(device)
             masks = torch.from_numpy(batch["mask"]).to(device)
             images, masks = apply_visual_prompt(images, masks, cfg.visual_prompt, model.cfg.preprocess)

@@ -1,8 +1,9 @@
 """Knowledge-infused prompts: text for each class built from its graph facts (the paper's KG-Aug).
 
-Four templates per class, from least to most knowledge: the label alone; label and category; label and
-attributes; a natural-language description. Wording variants and fact order are chosen by a seeded hash, so the
-same graph and seed always give the same prompts. The captioning stage's VLM prompt is built from the same facts.
+Five templates per class: the label alone; label and category; label and attributes; a natural-language
+description; the appearance alone (the visual attributes without the name). Wording variants and fact order are
+chosen by a seeded hash, so the same graph and seed always give the same prompts. The captioning stage's VLM prompt
+is built from the same facts.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from typing import Any
 from ogclip_kg import cypher
 from ogclip_kg.store import GraphStore
 
-TEMPLATES = ("label", "label_category", "label_attributes", "description")
+TEMPLATES = ("label", "label_category", "label_attributes", "description", "appearance")
+# What a ``kg`` class embedding averages: the templates that carry graph knowledge beyond the name.
+KG_TEMPLATES = ("label_attributes", "description", "appearance")
 _OPENERS = ("a photo of", "an image of", "a picture of", "a photograph of")
 
 
@@ -106,17 +109,20 @@ def class_prompts(row: dict[str, Any], seed: int = 0) -> dict[str, str]:
         "label_category": f"{opener} {_article(name)} {name}, {_article(category)} {category}.",
         "label_attributes": f"{opener} {_article(name)} {name}, {looks}." if looks else f"{opener} a {name}.",
         "description": description(row, seed),
+        "appearance": f"{opener} {looks}.",
     }
 
 
 def prompt_texts(row: dict[str, Any], mode: str = "kg", seed: int = 0) -> list[str]:
-    """The texts a class embedding averages: every distinct template for ``kg`` (KG-Aug), the label alone for
-    ``label``. Export (``ogclip train``) and the service's on-demand embedding both use this, so a class embedded
-    by either gets the same vector under one model version."""
+    """The texts a class embedding averages: the knowledge-bearing templates for ``kg`` (KG-Aug), the label alone
+    for ``label``. The name-only templates are left out of ``kg``: an unseen class's name carries little visual
+    signal, and averaging it in pulls each class vector towards its name rather than its look. Export
+    (``ogclip train``) and the service's on-demand embedding both use this, so a class embedded by either gets the
+    same vector under one model version."""
     if mode not in ("kg", "label"):
         raise ValueError(f"unknown prompt mode {mode!r}; expected 'kg' or 'label'")
     templates = class_prompts(dict(row), seed)
-    return [templates["label"]] if mode == "label" else list(dict.fromkeys(templates.values()))
+    return [templates["label"]] if mode == "label" else list(dict.fromkeys(templates[t] for t in KG_TEMPLATES))
 
 
 def vlm_prompt(row: dict[str, Any]) -> str:

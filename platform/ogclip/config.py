@@ -136,7 +136,8 @@ class SynthSourceConfig(StrictModel):
 
     kind: Literal["synth"] = "synth"
     class_set: Literal["train", "test"] = "train"
-    max_classes: int | None = Field(default=None, ge=1, description="first N classes of the set (by key)")
+    max_classes: int | None = Field(default=None, ge=1,
+                                    description="N classes spread over the visual attributes (synth.spread_classes)")
     per_class: int = Field(default=4, ge=1)
     image_size: int = Field(default=64, ge=16)
     seed: int = 0
@@ -326,6 +327,9 @@ class TrainJobConfig(StrictModel):
     cache_decoded: bool = Field(
         default=False, description="decode and augment once, keep the result in Ray's object store and replay it "
         "every epoch (small corpora: skips the per-epoch decode; each image keeps one augmentation draw)")
+    shuffle_buffer: int = Field(
+        default=1024, ge=1, description="rows each worker shuffles its stream over, afresh every epoch: the shards "
+        "keep a class's images together, so without it a batch holds a few neighbouring classes, always the same")
     seed: int = 0
     output_dir: Path = Path("outputs/train")
     export: bool = Field(default=True, description="bundle the best checkpoint and write class embeddings")

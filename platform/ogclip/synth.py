@@ -9,7 +9,10 @@ small and far away (under 5% of the image, as for ships in the paper), and retur
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,6 +107,27 @@ class TargetClass:
         """A description built only from the visual attributes (what zero-shot must rely on)."""
         paint = f"{self.pattern} {self.colour} and {self.accent}" if self.pattern != "plain" else f"plain {self.colour}"
         return f"a {self.size} {self.super_category} with a {self.silhouette} silhouette, painted {paint}"
+
+
+def spread_classes(targets: Mapping[str, TargetClass], count: int | None, seed: int = 0) -> list[str]:
+    """``count`` class keys (all if ``None``) chosen to cover the visual attributes as evenly as possible.
+
+    Zero-shot on unseen classes needs every silhouette, colour, size, pattern and accent seen in training, but a
+    class set is far from balanced (most seed classes are small straight-wing aircraft; the first N keys in order
+    hold no ship at all). Greedy: each pick is the class whose attribute values have been picked least so far
+    (summing 1/(1+n) over its five attributes), ties broken by a hash of ``seed`` and the key. Deterministic.
+    """
+    order = sorted(targets, key=lambda key: hashlib.sha256(f"{seed}:{key}".encode()).hexdigest())
+    if count is None or count >= len(order):
+        return sorted(order)
+    seen: Counter[tuple[int, str]] = Counter()
+    chosen: list[str] = []
+    for _ in range(count):
+        best = max(order, key=lambda key: sum(1.0 / (1 + seen[i, v]) for i, v in enumerate(targets[key].look())))
+        order.remove(best)
+        chosen.append(best)
+        seen.update(enumerate(targets[best].look()))
+    return sorted(chosen)
 
 
 @dataclass(frozen=True)

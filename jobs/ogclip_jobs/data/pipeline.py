@@ -25,6 +25,7 @@ from ray.data import Dataset
 from sklearn.cluster import DBSCAN
 
 from ogclip.config import DataPipelineConfig, StageResources
+from ogclip.synth import TargetClass, spread_classes
 from ogclip_jobs.data import stages
 from ogclip_jobs.data.images import hamming
 from ogclip_jobs.runtime import ensure_ray, open_graph
@@ -113,7 +114,8 @@ class Pipeline:
         # Fractional CPUs: an actor holding a whole CPU of a 1-CPU Ray would starve the reads it waits for.
         resources = StageResources(num_cpus=0.5, batch_size=16)
         if source.kind == "synth":
-            keys = sorted(self.classes)[: source.max_classes]
+            targets = {key: TargetClass.from_facts(row) for key, row in self.classes.items()}
+            keys = spread_classes(targets, source.max_classes, source.seed)
             items = [{"label": key, "index": i} for key in keys for i in range(source.per_class)]
             ds = _map(ray.data.from_items(items), stages.RenderTargets, resources,
                       classes={k: self.classes[k] for k in keys}, image_size=source.image_size, seed=source.seed)
