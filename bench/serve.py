@@ -92,17 +92,12 @@ async def _load(url: str, payload: dict[str, Any], concurrency: int, total: int)
 
 def _noop_app() -> Any:
     """A Serve app that reads the request body and answers a small JSON: the cost of HTTP and Serve alone."""
-    from fastapi import FastAPI, Request
     from ray import serve
-
-    app = FastAPI()
 
     @serve.deployment(name="noop", ray_actor_options={"num_cpus": 1.0}, max_ongoing_requests=64,
                       max_queued_requests=512)
-    @serve.ingress(app)
     class Noop:
-        @app.post("/{path:path}")
-        async def answer(self, request: Request) -> dict[str, int]:
+        async def __call__(self, request: Any) -> dict[str, int]:  # Serve passes the Starlette request
             return {"bytes": len(await request.body())}
 
     return Noop.bind()
@@ -231,7 +226,8 @@ def main() -> None:
         os.environ.update({"OGCLIP_HOME": str(home), "OGCLIP_KG_BOLT_PORT": str(settings.kg_bolt_port),
                            "OGCLIP_KG_HTTP_PORT": str(settings.kg_http_port), "OGCLIP_API_TOKEN": TOKEN})
         os.environ.pop("OGCLIP_NEO4J_URI", None)
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        # Three apps of one 1-CPU replica each; they are loaded one at a time, so Ray may count three CPUs here.
+        ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
         stack.callback(ray.shutdown)
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         stack.callback(serve.shutdown)
