@@ -477,7 +477,7 @@ class ServeMaskConfig(StrictModel):
 class ServeConfig(StrictModel):
     """``ogclip serve up``: the classification service (Ray Serve), one app serving one export bundle."""
 
-    bundle: Path = Path("outputs/demo/bundle")
+    bundle: Path = Path("outputs/demo/train/og-clip-tiny-demo/bundle")
     model_version: str | None = Field(
         default=None, description="the version the bundle must have; a different bundle is refused at start")
     app_name: str = Field(default="ogclip", pattern=r"^[A-Za-z0-9_-]+$")
