@@ -526,21 +526,31 @@ def test_hot_class_addition_during_a_stream_of_requests(service: Service, graph:
 
 
 @pytest.mark.slow
-def test_metrics_are_exported_for_prometheus(service: Service) -> None:
+def test_metrics_are_exported_for_prometheus(service: Service, world: World) -> None:
+    (_, image, _), = renders(world.test_rows, 1)
+    assert classify(service, [{"image": b64(png(image))}]).status_code == 200
+    too_big = service.session.post(service.url + "/v1/classify", data=b"x" * (5 * 1024 * 1024), timeout=30,
+                                   headers={"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"})
+    assert too_big.status_code == 413
     wanted = ("ray_ogclip_requests_total", "ray_ogclip_request_latency_ms_bucket", "ray_ogclip_batch_size_bucket",
               "ray_ogclip_errors_total", "ray_ogclip_embedding_revision", "ray_ogclip_embedding_reloads_total",
               "ray_ogclip_classes", "ray_ogclip_on_demand_embeddings_total")
-    deadline, text = time.monotonic() + 60, ""
-    while time.monotonic() < deadline:
-        text = requests.get(f"http://127.0.0.1:{service.metrics_port}/metrics", timeout=10).text
-        if all(name in text for name in wanted):
-            break
+
+    def requests_lines(text: str) -> list[str]:
+        return [line for line in text.splitlines() if line.startswith("ray_ogclip_requests_total")]
+
+    def complete(text: str) -> bool:
+        lines = requests_lines(text)
+        return all(name in text for name in wanted) \
+            and any('endpoint="/v1/classify"' in line and 'status="200"' in line for line in lines) \
+            and any('status="413"' in line for line in lines) and any(f'application="{APP}"' in line for line in lines)
+
+    # Ray exports each replica's metrics periodically: poll until both requests above have been exported.
+    deadline, text = time.monotonic() + 90, ""
+    while time.monotonic() < deadline and not complete(text):
         time.sleep(2)
-    missing = [name for name in wanted if name not in text]
-    assert not missing, missing
-    lines = [line for line in text.splitlines() if line.startswith("ray_ogclip_requests_total")]
-    assert any('endpoint="/v1/classify"' in line and 'status="200"' in line for line in lines)
-    assert any('status="413"' in line for line in lines) and any(f'application="{APP}"' in line for line in lines)
+        text = requests.get(f"http://127.0.0.1:{service.metrics_port}/metrics", timeout=10).text
+    assert complete(text), ([name for name in wanted if name not in text], requests_lines(text)[:20])
 
 
 @pytest.mark.slow
