@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import io
 import json
 import os
 import socket
@@ -34,7 +33,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 CLASS_SET = "bench"
 TOKEN = "bench-token-0123456789abcdef"
@@ -45,12 +43,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def _png(image: Image.Image | np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    (Image.fromarray(image) if isinstance(image, np.ndarray) else image).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def _summary(latencies_ms: list[float], wall_s: float) -> dict[str, float]:
@@ -127,6 +119,7 @@ def main() -> None:
     from ogclip.synth import TargetClass, render
     from ogclip.transforms import image_mask_transform
     from ogclip.zeroshot import class_embeddings
+    from ogclip_jobs.data.images import png_bytes
     from ogclip_kg import server
     from ogclip_kg.schema import migrate
     from ogclip_kg.store import GraphStore
@@ -162,8 +155,8 @@ def main() -> None:
               f"{time.perf_counter() - started:.1f}s")
 
         sample = render(TargetClass("bench", "military aircraft", "swept wing", "grey"), seed=0, size=64)
-        payload = {"images": [{"image": base64.b64encode(_png(sample.image)).decode(),
-                               "mask": base64.b64encode(_png(sample.mask)).decode()}],
+        payload = {"images": [{"image": base64.b64encode(png_bytes(sample.image)).decode(),
+                               "mask": base64.b64encode(png_bytes(sample.mask)).decode()}],
                    "class_set": CLASS_SET, "top_k": 5}
 
         # -- direct in-process calls: the same steps a replica runs, without HTTP and Serve -------------------------

@@ -9,7 +9,6 @@ the shapes.
 from __future__ import annotations
 
 import base64
-import io
 import os
 import struct
 import subprocess
@@ -46,6 +45,7 @@ from ogclip.settings import Settings
 from ogclip.synth import TargetClass, render
 from ogclip.transforms import image_mask_transform
 from ogclip.zeroshot import class_embeddings
+from ogclip_jobs.data.images import png_bytes as png
 from ogclip_kg import cypher
 from ogclip_kg.prompts import fetch_class_facts, prompt_texts
 from ogclip_kg.server import bolt_uri
@@ -167,14 +167,6 @@ def service(graph: GraphStore, kg_settings: Settings, world: World, bundle: tupl
 
 
 # -- helpers -------------------------------------------------------------------------------------------------------
-
-def png(image: Image.Image | np.ndarray) -> bytes:
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
