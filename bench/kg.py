@@ -10,24 +10,17 @@ server of its own in a temporary folder on free ports.
 from __future__ import annotations
 
 import argparse
-import socket
 import tempfile
 import time
 from contextlib import ExitStack
 from itertools import cycle, islice
 from pathlib import Path
 
-from ogclip.settings import Settings
+from ogclip.settings import Settings, free_ports
 from ogclip_kg import cypher, server
 from ogclip_kg.prompts import class_prompts, fetch_class_facts
 from ogclip_kg.seeds import seed_graph
 from ogclip_kg.store import GraphStore
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def main() -> None:
@@ -40,7 +33,8 @@ def main() -> None:
         settings = Settings()
         if not settings.neo4j_uri:
             home = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-            settings = Settings(home=home, kg_bolt_port=_free_port(), kg_http_port=_free_port())
+            bolt_port, http_port = free_ports(2)
+            settings = Settings(home=home, kg_bolt_port=bolt_port, kg_http_port=http_port)
             started = time.perf_counter()
             server.up(settings)
             stack.callback(server.down, settings)

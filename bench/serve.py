@@ -23,7 +23,6 @@ import asyncio
 import base64
 import json
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -37,12 +36,6 @@ import torch
 CLASS_SET = "bench"
 TOKEN = "bench-token-0123456789abcdef"
 LEVELS = (1, 8, 32)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _summary(latencies_ms: list[float], wall_s: float) -> dict[str, float]:
@@ -115,7 +108,7 @@ def main() -> None:
         ServeDeploymentConfig,
     )
     from ogclip.models import create_model
-    from ogclip.settings import Settings
+    from ogclip.settings import Settings, free_ports
     from ogclip.synth import TargetClass, render
     from ogclip.transforms import image_mask_transform
     from ogclip.zeroshot import class_embeddings
@@ -131,7 +124,8 @@ def main() -> None:
                                           "cuda": torch.cuda.is_available()}}
     with ExitStack() as stack:
         home = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        settings = Settings(home=home, kg_bolt_port=_free_port(), kg_http_port=_free_port(), neo4j_uri=None,
+        bolt_port, http_port = free_ports(2)
+        settings = Settings(home=home, kg_bolt_port=bolt_port, kg_http_port=http_port, neo4j_uri=None,
                             neo4j_password=None)
         server.up(settings)
         stack.callback(server.down, settings)
@@ -215,7 +209,7 @@ def main() -> None:
         torch.set_num_threads(os.cpu_count() or 1)
 
         # -- the service: batching on and off, one replica each -----------------------------------------------------
-        port = _free_port()
+        (port,) = free_ports(1)
         os.environ.update({"OGCLIP_HOME": str(home), "OGCLIP_KG_BOLT_PORT": str(settings.kg_bolt_port),
                            "OGCLIP_KG_HTTP_PORT": str(settings.kg_http_port), "OGCLIP_API_TOKEN": TOKEN})
         os.environ.pop("OGCLIP_NEO4J_URI", None)

@@ -56,22 +56,15 @@ def images_and_masks(batch: int = 3, size: int = 32, seed: int = 0) -> tuple[tor
     return images, masks
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def kg_settings(tmp_path_factory: pytest.TempPathFactory):
     """Settings for an embedded graph server of the test session's own (own folder, free ports), started once."""
-    from ogclip.settings import Settings
+    from ogclip.settings import Settings, free_ports
     from ogclip_kg import server
 
-    settings = Settings(home=tmp_path_factory.mktemp("ogclip-home"), kg_bolt_port=free_port(),
-                        kg_http_port=free_port(), neo4j_uri=None, neo4j_password=None)
+    bolt_port, http_port = free_ports(2)
+    settings = Settings(home=tmp_path_factory.mktemp("ogclip-home"), kg_bolt_port=bolt_port,
+                        kg_http_port=http_port, neo4j_uri=None, neo4j_password=None)
     server.up(settings)
     yield settings
     server.down(settings)

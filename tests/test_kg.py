@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ogclip.settings import Settings
+from ogclip.settings import Settings, free_ports
 from ogclip_kg import cypher, server
 from ogclip_kg.prompts import class_prompts, fetch_class_facts
 from ogclip_kg.quality import check
@@ -210,9 +210,8 @@ def test_cli_as_a_new_user_types_it(kg_settings: Settings, graph: GraphStore) ->
 
 
 def test_server_lifecycle(tmp_path: Path) -> None:
-    from conftest import free_port
-
-    settings = Settings(home=tmp_path, kg_bolt_port=free_port(), kg_http_port=free_port(), neo4j_uri=None,
+    bolt_port, http_port = free_ports(2)
+    settings = Settings(home=tmp_path, kg_bolt_port=bolt_port, kg_http_port=http_port, neo4j_uri=None,
                         neo4j_password=None)
     assert not server.status(settings).running
     started = server.up(settings)

@@ -26,7 +26,6 @@ import pytest
 import requests
 import torch
 import yaml
-from conftest import free_port
 from PIL import Image
 
 from ogclip.bundle import BundleInfo, BundleVersionError, export_bundle
@@ -41,7 +40,7 @@ from ogclip.config import (
 )
 from ogclip.models import OGCLIP, create_model, truncate
 from ogclip.segment import CpuSegmenter
-from ogclip.settings import Settings
+from ogclip.settings import Settings, free_ports
 from ogclip.synth import TargetClass, render
 from ogclip.transforms import image_mask_transform
 from ogclip.zeroshot import class_embeddings
@@ -147,7 +146,7 @@ def service(graph: GraphStore, kg_settings: Settings, world: World, bundle: tupl
     from ogclip_serve.app import build_app
 
     _, info = bundle
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port = free_ports(2)
     cfg = service_config(info, port)
     with pytest.MonkeyPatch.context() as patch:
         for key, value in {**_graph_env(graph, kg_settings), "OGCLIP_API_TOKEN": TOKEN}.items():

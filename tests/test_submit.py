@@ -18,14 +18,16 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import requests
 import yaml
-from conftest import free_port
 
+from ogclip.settings import free_ports
 from ogclip_jobs.submit import (
     SubmitError,
     build_runtime_env,
@@ -38,6 +40,19 @@ BIN = Path(sys.executable).parent
 OGCLIP = str(BIN / "ogclip")
 
 
+class NodeExited(RuntimeError):
+    """A ``ray start --block`` process ended; the message carries the end of its log, so that CI shows why."""
+
+    def __init__(self, name: str, log: Path) -> None:
+        self.name = name
+        # `ray start --block` exits when any of its processes dies; that process's own error log says why.
+        logs = [log, *sorted((log.parent / "session_latest" / "logs").glob("*.err")),
+                log.parent / "session_latest" / "logs" / "dashboard.log"]
+        tails = [f"--- {path}:\n{path.read_text(errors='replace')[-2000:]}" for path in logs
+                 if path.exists() and path.stat().st_size]
+        super().__init__(f"ray node {name} exited\n" + "\n".join(tails))
+
+
 class LocalRayCluster:
     """A Ray cluster of ``ray start`` processes on 127.0.0.1, every port chosen here, token auth on."""
 
@@ -48,32 +63,47 @@ class LocalRayCluster:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "OGCLIP_"))}
         self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token, RAY_USAGE_STATS_ENABLED="0",
                         PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        self.gcs_port = self.dashboard_port = 0  # chosen when the head starts
         self.nodes: dict[str, subprocess.Popen] = {}
 
     @property
     def address(self) -> str:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
-    def _start(self, name: str, extra: list[str]) -> None:
-        args = [str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=0",
-                f"--temp-dir={self.temp_dir}", "--object-store-memory=150000000", "--disable-usage-stats",
-                f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
-                f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-                f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}", *extra]
-        with open(Path(self.temp_dir) / f"{name}.log", "wb") as log:
-            # A session of its own: killing its process group kills the node's raylet, workers and agents.
-            self.nodes[name] = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                                stdin=subprocess.DEVNULL, start_new_session=True)
+    def _start(self, name: str, role: Callable[[Iterator[int]], list[str]], nodes: int, attempts: int = 3) -> None:
+        """Start a node and wait until ``nodes`` are alive. Every port is picked afresh on each attempt: a port found
+        free can be taken by another process before Ray binds it, and then the node exits at once."""
+        for attempt in range(1, attempts + 1):
+            ports = iter(free_ports(9))
+            args = [str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+                    "--num-gpus=0", f"--temp-dir={self.temp_dir}", "--object-store-memory=150000000",
+                    "--disable-usage-stats", f"--node-manager-port={next(ports)}",
+                    f"--object-manager-port={next(ports)}", f"--dashboard-agent-listen-port={next(ports)}",
+                    f"--dashboard-agent-grpc-port={next(ports)}", f"--runtime-env-agent-port={next(ports)}",
+                    f"--metrics-export-port={next(ports)}", *role(ports)]
+            with open(Path(self.temp_dir) / f"{name}.log", "wb") as log:
+                # A session of its own: killing its process group kills the node's raylet, workers and agents.
+                self.nodes[name] = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                                    stdin=subprocess.DEVNULL, start_new_session=True)
+            try:
+                self.wait_for_nodes(nodes)
+                return
+            except NodeExited as exited:
+                if exited.name != name or attempt == attempts:
+                    raise
+                warnings.warn(f"attempt {attempt} of {attempts}: {exited}", stacklevel=2)
+                self.kill(name)
+
+    def _head_role(self, ports: Iterator[int]) -> list[str]:
+        self.gcs_port, self.dashboard_port = next(ports), next(ports)
+        return ["--head", f"--port={self.gcs_port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={next(ports)}"]
 
     def start_head(self) -> None:
-        self._start("head", ["--head", f"--port={self.gcs_port}", "--include-dashboard=true",
-                             "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-                             f"--ray-client-server-port={free_port()}"])
-        self.wait_for_nodes(1)
+        self._start("head", self._head_role, nodes=1)
 
     def add_worker(self, name: str) -> None:
-        self._start(name, [f"--address=127.0.0.1:{self.gcs_port}"])
+        self._start(name, lambda _: [f"--address=127.0.0.1:{self.gcs_port}"], nodes=len(self.nodes) + 1)
 
     def api(self, path: str) -> dict:
         response = requests.get(self.address + path, headers={"Authorization": f"Bearer {self.token}"}, timeout=10)
@@ -89,7 +119,7 @@ class LocalRayCluster:
         while time.monotonic() < deadline:
             for name, process in self.nodes.items():
                 if process.poll() is not None:
-                    raise RuntimeError(f"ray node {name} exited; see {self.temp_dir}/{name}.log")
+                    raise NodeExited(name, Path(self.temp_dir) / f"{name}.log")
             try:
                 if len(self.alive_nodes()) >= count:
                     return
@@ -128,7 +158,6 @@ def cluster(kg_settings):
     try:
         ray_cluster.start_head()
         ray_cluster.add_worker("worker-1")
-        ray_cluster.wait_for_nodes(2)
         ray_cluster.kg_env = {"OGCLIP_HOME": str(Path(kg_settings.home).resolve()),
                               "OGCLIP_KG_BOLT_PORT": str(kg_settings.kg_bolt_port),
                               "OGCLIP_KG_HTTP_PORT": str(kg_settings.kg_http_port)}

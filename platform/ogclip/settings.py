@@ -6,6 +6,8 @@ belongs to the machine or deployment: where data goes, which device, how to reac
 
 from __future__ import annotations
 
+import socket
+from contextlib import ExitStack
 from functools import lru_cache
 from pathlib import Path
 
@@ -48,3 +50,17 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """The settings of this process, read once from the environment."""
     return Settings()
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct ports free on ``host`` now, for servers that tests and benchmarks start on their own ports.
+
+    The sockets are held open together while the ports are chosen, so the OS cannot hand out one port twice (Ray,
+    for one, refuses to start a node given the same port for two components). Another process may still take a
+    port before the server binds it; callers that start servers retry on fresh ports.
+    """
+    with ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind((host, 0))
+        return [sock.getsockname()[1] for sock in sockets]
