@@ -260,6 +260,48 @@ def test_cli_serve_status_and_refusals(tmp_path: Path) -> None:
     assert up.returncode == 2 and "does not exist" in up.stderr
 
 
+@pytest.mark.slow
+def test_cli_serve_up_status_down(graph: GraphStore, kg_settings: Settings, world: World,
+                                  bundle: tuple[OGCLIP, BundleInfo], tmp_path: Path) -> None:
+    """`ogclip serve up` starts the service in the background with a generated token and returns once it is ready;
+    `status` reports it; `down` stops it, and the port is free again."""
+    _, info = bundle
+    port, metrics_port = free_ports(2)
+    cfg = service_config(info, port, metrics_port=metrics_port, ray_num_cpus=1)
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "OGCLIP_API_TOKEN")}
+    env.update({"OGCLIP_HOME": str(tmp_path / "home"), **_graph_env(graph, kg_settings)})
+    home = Path(env["OGCLIP_HOME"])
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "ogclip_jobs.cli", "serve", *args], env=env,
+                              capture_output=True, text=True, timeout=600)
+
+    up = cli("up", "--config", str(config))
+    try:
+        assert up.returncode == 0, up.stderr
+        token_file = home / "serve" / "token"
+        assert f"up at http://127.0.0.1:{port}/" in up.stdout and info.model_version in up.stdout
+        assert f"token in {token_file}" in up.stdout and token_file.stat().st_mode & 0o077 == 0
+        again = cli("up", "--config", str(config))
+        assert again.returncode == 2 and "already running" in again.stderr
+        status = cli("status")
+        assert status.returncode == 0 and "running" in status.stdout and info.model_version in status.stdout
+        headers = {"Authorization": f"Bearer {token_file.read_text().strip()}"}
+        (_, image, _), = renders(world.test_rows, 1)
+        response = requests.post(f"http://127.0.0.1:{port}/v1/classify", headers=headers, timeout=60,
+                                 json={"images": [{"image": b64(png(image))}], "class_set": "test", "top_k": 1})
+        assert response.status_code == 200, response.text
+        assert response.json()["results"][0]["labels"][0]["label"] in world.test_rows
+    finally:
+        down = cli("down")
+    assert down.returncode == 0 and "stopped" in down.stdout
+    assert "stopped" in cli("status").stdout
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://127.0.0.1:{port}/healthz", timeout=10)
+
+
 def test_version_mismatch_is_refused_loudly(graph: GraphStore, kg_settings: Settings, world: World,
                                             bundle: tuple[OGCLIP, BundleInfo], tmp_path: Path) -> None:
     from ogclip_serve.errors import EmbeddingVersionError

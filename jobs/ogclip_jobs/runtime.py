@@ -11,13 +11,14 @@ from ogclip_kg.store import GraphStore
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
-    """Join the cluster named by ``RAY_ADDRESS`` (set by ``ray job submit``), else start a local Ray."""
+    """Join the cluster named by ``RAY_ADDRESS`` (set by ``ray job submit``), else start a local Ray of this process
+    (``address="local"``: a ``ray start`` cluster elsewhere on the machine is not joined by accident)."""
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
     # Ray 2.60's V2 file readers list files in a task that asks for a whole CPU and cannot be told otherwise;
     # beside a stage actor or a training worker on a small Ray it never schedules and the job hangs.
     ray.data.DataContext.get_current().use_datasource_v2 = False

@@ -14,13 +14,12 @@ import os
 import secrets
 import signal
 import socket
-import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ogclip import daemon
 from ogclip.settings import Settings
 
 EMBEDDED_USER = "root"  # ArcadeDB's administrator; its password is ours to set
@@ -63,17 +62,7 @@ def embedded_password(settings: Settings) -> str:
 
 
 def _pid(settings: Settings) -> int | None:
-    try:
-        pid = int((settings.kg_dir / PID_FILE).read_text().strip())
-    except (OSError, ValueError):
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass  # alive, owned by someone else
-    return pid
+    return daemon.running_pid(settings.kg_dir / PID_FILE)
 
 
 def _port_open(host: str, port: int) -> bool:
@@ -104,33 +93,20 @@ def up(settings: Settings, timeout: float = 120.0) -> ServerStatus:
     command = [sys.executable, "-m", "ogclip_kg.server", "--data-dir", str(data_dir), "--host",
                settings.kg_host, "--bolt-port", str(settings.kg_bolt_port), "--http-port",
                str(settings.kg_http_port), "--database", settings.neo4j_database, "--heap", settings.kg_heap]
-    with (settings.kg_dir / LOG_FILE).open("ab") as log:
-        # The JVM writes its own log folder into the working directory: keep it beside the data.
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   env=env, cwd=data_dir, start_new_session=True)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            log_path = settings.kg_dir / LOG_FILE
-            raise EmbeddedServerError(f"graph server exited with {process.returncode}; see {log_path}")
+    def ready() -> ServerStatus | None:
         if (settings.kg_dir / PID_FILE).exists() and _port_open(settings.kg_host, settings.kg_bolt_port):
             return status(settings)
-        time.sleep(0.3)
-    process.terminate()
-    raise EmbeddedServerError(f"graph server did not start within {timeout:.0f}s; see {settings.kg_dir / LOG_FILE}")
+        return None
+
+    # The JVM writes its own log folder into the working directory: keep it beside the data.
+    _, started = daemon.start(command, settings.kg_dir / LOG_FILE, ready, what="graph server",
+                              error=EmbeddedServerError, timeout=timeout, poll=0.3, env=env, cwd=data_dir)
+    return started
 
 
 def down(settings: Settings, timeout: float = 60.0) -> ServerStatus:
     """Stop the embedded server (SIGTERM, then SIGKILL after ``timeout``); a stopped server is left as is."""
-    pid = _pid(settings)
-    if pid is not None:
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while _pid(settings) is not None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if _pid(settings) is not None:
-            os.kill(pid, signal.SIGKILL)
-        (settings.kg_dir / PID_FILE).unlink(missing_ok=True)
+    daemon.stop(settings.kg_dir / PID_FILE, timeout)
     return status(settings)
 
 

@@ -23,10 +23,8 @@ import json
 import os
 import secrets
 import signal
-import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -34,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from ogclip import daemon
 from ogclip.config import ServeConfig, load_yaml_config
 from ogclip.settings import Settings
 
@@ -98,12 +97,7 @@ def _ready(cfg: ServeConfig, timeout: float = 2.0) -> dict[str, Any] | None:
 
 
 def _pid(settings: Settings) -> int | None:
-    try:
-        pid = int((serve_dir(settings) / PID_FILE).read_text().strip())
-        os.kill(pid, 0)
-    except (OSError, ValueError):
-        return None
-    return pid
+    return daemon.running_pid(serve_dir(settings) / PID_FILE)
 
 
 def deploy_config(cfg: ServeConfig) -> dict[str, Any]:
@@ -132,7 +126,8 @@ def run(cfg: ServeConfig, settings: Settings) -> None:
         os.environ["OGCLIP_API_TOKEN"] = token  # replicas are Ray workers of this process: they inherit it
     own_ray = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
     if own_ray:
-        ray.init(num_cpus=cfg.ray_num_cpus, include_dashboard=False, _metrics_export_port=cfg.metrics_port)
+        ray.init(address="local", num_cpus=cfg.ray_num_cpus, include_dashboard=False,
+                 _metrics_export_port=cfg.metrics_port)
     elif not ray.is_initialized():
         ray.init()
     stop = threading.Event()
@@ -165,40 +160,18 @@ def up(config_path: Path, settings: Settings, timeout: float = 600.0) -> str:
         raise ServeError(f"a service is already running (pid {_pid(settings)}); `ogclip serve down` first")
     summary = preflight(cfg, settings)
     _, token_file = ensure_token(settings)
-    directory = serve_dir(settings)
-    directory.mkdir(parents=True, exist_ok=True)
-    log_path = directory / LOG_FILE
-    with log_path.open("ab") as log:
-        process = subprocess.Popen([sys.executable, "-m", "ogclip_serve.server", "run", "--config",
-                                    str(Path(config_path).resolve())], stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise ServeError(f"the service exited with {process.returncode} while starting; see {log_path}")
-        ready = _ready(cfg)
-        if ready is not None:
-            auth = f"token in {token_file}" if token_file else ("token from OGCLIP_API_TOKEN"
-                                                               if settings.api_token else "local mode, no token")
-            return (f"classification service up at {base_url(cfg)}/ (pid {process.pid}): {summary['model']} "
-                    f"{ready['model_version']}, class sets {ready['classes']}, revision {ready['revision']}; {auth}")
-        time.sleep(1.0)
-    os.killpg(process.pid, signal.SIGTERM)
-    raise ServeError(f"the service was not ready within {timeout:.0f}s; see {log_path}")
+    command = [sys.executable, "-m", "ogclip_serve.server", "run", "--config", str(Path(config_path).resolve())]
+    process, ready = daemon.start(command, serve_dir(settings) / LOG_FILE, lambda: _ready(cfg), what="the service",
+                                  error=ServeError, timeout=timeout, poll=1.0)
+    auth = f"token in {token_file}" if token_file else ("token from OGCLIP_API_TOKEN"
+                                                       if settings.api_token else "local mode, no token")
+    return (f"classification service up at {base_url(cfg)}/ (pid {process.pid}): {summary['model']} "
+            f"{ready['model_version']}, class sets {ready['classes']}, revision {ready['revision']}; {auth}")
 
 
 def down(settings: Settings, timeout: float = 120.0) -> str:
-    pid = _pid(settings)
-    if pid is None:
-        return "classification service stopped"
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while _pid(settings) is not None and time.monotonic() < deadline:
-        time.sleep(0.5)
-    if _pid(settings) is not None:
-        os.kill(pid, signal.SIGKILL)
-        (serve_dir(settings) / PID_FILE).unlink(missing_ok=True)
-    return f"classification service (pid {pid}) stopped"
+    pid = daemon.stop(serve_dir(settings) / PID_FILE, timeout, poll=0.5)
+    return "classification service stopped" if pid is None else f"classification service (pid {pid}) stopped"
 
 
 def status(settings: Settings) -> str:
