@@ -85,4 +85,7 @@ def test_demo_runs_end_to_end(tmp_path: Path, kg_settings) -> None:
     assert version.startswith("ogc-") and summary["eval"]["model_version"] == version
     assert summary["train"]["class_embeddings"] >= 5 + 4
     assert 0.0 <= summary["eval"]["macc"] <= 1.0 and (out / "eval" / "report.md").exists()
+    label_report = json.loads((out / "eval-label" / "report.json").read_text())
+    assert label_report["config"]["prompts"] == "label"
+    assert summary["eval"]["macc_label_prompts"] == label_report["macc"]
     ogclip.load_bundle(summary["train"]["bundle"], expected_version=version, device="cpu")

@@ -74,9 +74,15 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
     model, trained = run_training(cfg.train, log)
     summary["train"] = trained
 
-    step(4, "zero-shot evaluation of the exported bundle on the unseen test classes")
+    step(4, "zero-shot evaluation of the exported bundle on the unseen test classes, with the graph's prompts and "
+            "then with the class names alone")
     report = run_evaluation(cfg.eval, log)
     summary["eval"] = {k: report[k] for k in ("model_version", "macc", "macc_by_dim", "per_super_category", "cost")}
+    label_eval = cfg.eval.model_copy(update={"prompts": "label", "output_dir": cfg.output_dir / "eval-label"})
+    label_macc = run_evaluation(label_eval, lambda _: None)["macc"]
+    summary["eval"]["macc_label_prompts"] = label_macc
+    log(f"      the same bundle, class embeddings from the graph's prompts: {100 * report['macc']:.1f}% mAcc; from the "
+        f"class names alone: {100 * label_macc:.1f}% (eval-label/report.md)")
 
     if cfg.ablation:
         step(5, f"ablation: {len(VARIANTS) - 1} more models with the same budget (the OG-CLIP row is step 3's)")
@@ -93,6 +99,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
     summary["seconds"] = round(time.perf_counter() - started, 1)
     (cfg.output_dir / "demo.json").write_text(json.dumps(summary, indent=2, default=str))
     log(f"\ndone in {summary['seconds']:.0f}s. Outputs under {cfg.output_dir}/: data-train/ data-test/ (shards), "
-        f"train/{cfg.train.name}/ (checkpoints, metrics.jsonl, bundle/), eval/report.md"
+        f"train/{cfg.train.name}/ (checkpoints, metrics.jsonl, bundle/), eval/report.md, "
+        "eval-label/report.md"
         + (", ablation/ablation.md" if cfg.ablation else "") + ", demo.json")
     return summary
