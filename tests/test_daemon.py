@@ -31,11 +31,12 @@ def _server(pid_file: Path, ignore_sigterm: bool = False, ready_after: float = 0
 
 
 def _ready(pid_file: Path):
-    return lambda: daemon.running_pid(pid_file)
+    return lambda pid: pid if daemon.is_ours(pid_file, pid) else None
 
 
 def test_start_waits_for_ready_and_stop_terminates(tmp_path: Path) -> None:
     pid_file, log = tmp_path / "server.pid", tmp_path / "logs" / "server.log"
+    pid_file.write_text(str(os.getpid()))  # a live process that is not the server: not a sign that it is ready
     process, pid = daemon.start(_server(pid_file, ready_after=0.5), log, _ready(pid_file), what="test server",
                                 error=StartError, timeout=30, poll=0.05)
     assert pid == process.pid == daemon.running_pid(pid_file)
@@ -61,7 +62,7 @@ def test_start_reports_an_exit_and_a_timeout_with_the_log(tmp_path: Path) -> Non
     log = tmp_path / "server.log"
     crash = [sys.executable, "-c", "import sys; print('no config', flush=True); sys.exit(3)"]
     with pytest.raises(StartError, match=f"test server exited with 3 while starting; see {log}"):
-        daemon.start(crash, log, lambda: None, what="test server", error=StartError, timeout=30, poll=0.05)
+        daemon.start(crash, log, lambda _: None, what="test server", error=StartError, timeout=30, poll=0.05)
     assert "no config" in log.read_text()
 
     pid_file = tmp_path / "never.pid"

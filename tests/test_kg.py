@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -209,6 +210,14 @@ def test_cli_as_a_new_user_types_it(kg_settings: Settings, graph: GraphStore) ->
     assert len(prompts) == 3 and all("vlm" in p and "description" in p["prompts"] for p in prompts)
 
 
+def _reaped(pid: int) -> bool:
+    """Whether ``pid`` has ended (a zombie counts: it has exited, only not yet been waited for)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
+    except FileNotFoundError:
+        return True
+
+
 def test_server_lifecycle(tmp_path: Path) -> None:
     bolt_port, http_port = free_ports(2)
     settings = Settings(home=tmp_path, kg_bolt_port=bolt_port, kg_http_port=http_port, neo4j_uri=None,
@@ -220,6 +229,11 @@ def test_server_lifecycle(tmp_path: Path) -> None:
     assert credentials.stat().st_mode & 0o077 == 0, "the generated password is private to its owner"
     with GraphStore.from_settings(settings) as store:
         assert store.read("RETURN 1 AS one") == [{"one": 1}]
-    assert not server.down(settings).running
+        # A client still connected does not keep the stopped server's process alive.
+        assert not server.down(settings).running
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not _reaped(started.pid):
+            time.sleep(0.2)
+        assert _reaped(started.pid), "the server process ended"
     with pytest.raises(GraphConnectionError, match="ogclip kg up"):
         GraphStore.from_settings(settings)

@@ -93,8 +93,8 @@ def up(settings: Settings, timeout: float = 120.0) -> ServerStatus:
     command = [sys.executable, "-m", "ogclip_kg.server", "--data-dir", str(data_dir), "--host",
                settings.kg_host, "--bolt-port", str(settings.kg_bolt_port), "--http-port",
                str(settings.kg_http_port), "--database", settings.neo4j_database, "--heap", settings.kg_heap]
-    def ready() -> ServerStatus | None:
-        if (settings.kg_dir / PID_FILE).exists() and _port_open(settings.kg_host, settings.kg_bolt_port):
+    def ready(pid: int) -> ServerStatus | None:
+        if daemon.is_ours(settings.kg_dir / PID_FILE, pid) and _port_open(settings.kg_host, settings.kg_bolt_port):
             return status(settings)
         return None
 
@@ -154,6 +154,10 @@ def main() -> None:
     parser.add_argument("--database", required=True)
     parser.add_argument("--heap", default="1g")
     _serve(parser.parse_args())
+    # Stopped and cleaned up. A client still connected over Bolt holds a non-daemon JVM thread that would keep this
+    # process alive, deaf, after its pid file is gone: end it here.
+    sys.stdout.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

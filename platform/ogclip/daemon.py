@@ -33,9 +33,12 @@ def running_pid(pid_file: Path) -> int | None:
     return pid
 
 
-def start(command: list[str], log_path: Path, ready: Callable[[], T | None], *, what: str,
+def start(command: list[str], log_path: Path, ready: Callable[[int], T | None], *, what: str,
           error: type[Exception], timeout: float, poll: float = 0.5, **popen: Any) -> tuple[subprocess.Popen, T]:
-    """Start ``command`` detached, its output appended to ``log_path``, and wait until ``ready()`` returns a value.
+    """Start ``command`` detached, its output appended to ``log_path``, and wait until ``ready(pid)`` returns a value.
+
+    ``ready`` should check that the pid file holds ``pid`` (the process started here, not one started before or
+    beside it) as well as that the server answers; ``is_ours`` does the first.
 
     Raises ``error`` naming the log when the process exits first or is not ready within ``timeout`` seconds (it is
     then sent SIGTERM, with everything it started).
@@ -48,12 +51,17 @@ def start(command: list[str], log_path: Path, ready: Callable[[], T | None], *, 
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise error(f"{what} exited with {process.returncode} while starting; see {log_path}")
-        result = ready()
+        result = ready(process.pid)
         if result is not None:
             return process, result
         time.sleep(poll)
     os.killpg(process.pid, signal.SIGTERM)
     raise error(f"{what} was not ready within {timeout:.0f}s; see {log_path}")
+
+
+def is_ours(pid_file: Path, pid: int) -> bool:
+    """Whether ``pid_file`` names the live process ``pid``: the server has written it, so it is serving."""
+    return running_pid(pid_file) == pid
 
 
 def stop(pid_file: Path, timeout: float, poll: float = 0.2) -> int | None:

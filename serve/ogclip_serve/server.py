@@ -161,12 +161,18 @@ def up(config_path: Path, settings: Settings, timeout: float = 600.0) -> str:
     summary = preflight(cfg, settings)
     _, token_file = ensure_token(settings)
     command = [sys.executable, "-m", "ogclip_serve.server", "run", "--config", str(Path(config_path).resolve())]
-    process, ready = daemon.start(command, serve_dir(settings) / LOG_FILE, lambda: _ready(cfg), what="the service",
-                                  error=ServeError, timeout=timeout, poll=1.0)
+    pid_file = serve_dir(settings) / PID_FILE  # written by `run` once its app is deployed
+
+    def ready(pid: int) -> dict[str, Any] | None:
+        return _ready(cfg) if daemon.is_ours(pid_file, pid) else None
+
+    process, ready_state = daemon.start(command, serve_dir(settings) / LOG_FILE, ready, what="the service",
+                                        error=ServeError, timeout=timeout, poll=1.0)
     auth = f"token in {token_file}" if token_file else ("token from OGCLIP_API_TOKEN"
                                                        if settings.api_token else "local mode, no token")
     return (f"classification service up at {base_url(cfg)}/ (pid {process.pid}): {summary['model']} "
-            f"{ready['model_version']}, class sets {ready['classes']}, revision {ready['revision']}; {auth}")
+            f"{ready_state['model_version']}, class sets {ready_state['classes']}, revision {ready_state['revision']}; "
+            f"{auth}")
 
 
 def down(settings: Settings, timeout: float = 120.0) -> str:
