@@ -46,28 +46,28 @@ def test_bad_config_is_a_clear_error(tmp_path: Path) -> None:
 TINY_DEMO = """
 ray_num_cpus: 2
 ablation: false
-train_data:
-  source: {kind: synth, class_set: train, max_classes: 4, per_class: 4, image_size: 64}
-  quality: {enabled: false}
 test_data:
   source: {kind: synth, class_set: test, max_classes: 5, per_class: 2, image_size: 64, seed: 1}
   quality: {enabled: false}
 train:
   name: tiny
   model: og-clip-tiny
+  data: {kind: synth, class_set: train, max_classes: 4}
+  caption_ratio: 0.0
+  hard_negatives: 2
   train: {lr: 5.0e-4, min_lr: 5.0e-5, warmup_steps: 1, steps: 4, batch_size: 8}
   num_workers: 1
   cpus_per_worker: 1.0
   checkpoint_every: 2
   export_class_sets: [test]
-  cache_decoded: true
 """
 
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path: Path, kg_settings) -> None:
-    """The main job on a tiny world against the test session's graph server: every step, a bundle, class
-    embeddings in the graph for its version, and an evaluation report."""
+    """The main job on a tiny world against the test session's graph server, training on the synthetic world
+    rendered on the fly with hard negatives: every step, a bundle, class embeddings in the graph for its version,
+    an evaluation report and the attribute probes."""
     config = tmp_path / "demo.yaml"
     config.write_text(TINY_DEMO)
     env = {**os.environ, "OGCLIP_HOME": str(kg_settings.home), "OGCLIP_KG_BOLT_PORT": str(kg_settings.kg_bolt_port),
@@ -85,6 +85,8 @@ def test_demo_runs_end_to_end(tmp_path: Path, kg_settings) -> None:
     assert version.startswith("ogc-") and summary["eval"]["model_version"] == version
     assert summary["train"]["class_embeddings"] >= 5 + 4
     assert 0.0 <= summary["eval"]["macc"] <= 1.0 and (out / "eval" / "report.md").exists()
+    assert "rendered on the fly" in result.stdout and not (out / "data-train").exists()
+    assert (out / "probe" / "probe.md").exists() and summary["probe"]
     label_report = json.loads((out / "eval-label" / "report.json").read_text())
     assert label_report["config"]["prompts"] == "label"
     assert summary["eval"]["macc_label_prompts"] == label_report["macc"]

@@ -73,9 +73,40 @@ def test_every_stage_runs_and_records_itself(synth_run) -> None:
     assert list(records) == list(STAGES)
     assert all(records[s]["rows"] == 15 for s in STAGES)
     assert 0.3 < records["masks"]["mask_iou_mean"] <= 1.0 and records["masks"]["mask_iou_n"] == 15
+    # The default quality model is a registry name (random weights): the filter is off and says so.
+    assert records["quality"]["filter"].startswith("off (pass-through)") and "outliers" not in records["quality"]
+    assert not (cfg.output_dir / "review" / "quality_outliers.jsonl").exists()
     for stage in STAGES:
         assert (cfg.output_dir / "stages" / stage / "_STAGE.json").exists()
         assert not (cfg.output_dir / "stages" / f"{stage}.partial").exists()
+
+
+def test_quality_filter_acts_only_with_an_export_bundle(synth_run, tmp_path: Path) -> None:
+    import shutil
+
+    import torch
+
+    from ogclip.bundle import export_bundle
+    from ogclip.models import create_model
+    from ogclip_jobs.data.pipeline import StageError
+
+    cfg, _ = synth_run
+    shutil.copytree(cfg.output_dir / "stages" / "dedup", tmp_path / "stages" / "dedup")
+    torch.manual_seed(0)
+    bundle = export_bundle(create_model("og-clip-tiny", device="cpu"), tmp_path / "bundle")
+    run = cfg.model_copy(update={"output_dir": tmp_path, "quality": QualityFilterConfig(
+        model=str(bundle.path), eps=0.3, min_samples=2)})
+    logged: list[str] = []
+    record = Pipeline(run, CLASSES, log=logged.append).run(only="quality")["quality"]
+    assert record["rows"] == 15 and record["filter"].startswith("on (bundle")
+    review = tmp_path / "review" / "quality_outliers.jsonl"
+    assert Path(record["review_file"]) == review and len(review.read_text().splitlines()) == record["outliers"]
+    assert any("filter on" in line for line in logged)
+    typo = run.model_copy(update={"output_dir": tmp_path / "typo",
+                                  "quality": QualityFilterConfig(model="og-clip-tnyi")})
+    shutil.copytree(cfg.output_dir / "stages" / "dedup", tmp_path / "typo" / "stages" / "dedup")
+    with pytest.raises(StageError, match="neither an export bundle"):
+        Pipeline(typo, CLASSES, log=lambda _: None).run(only="quality")
 
 
 def test_rerunning_finished_stages_is_a_no_op(synth_run) -> None:

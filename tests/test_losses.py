@@ -12,7 +12,7 @@ from open_clip.loss import ClipLoss
 
 import ogclip
 from ogclip.config import MRLConfig
-from ogclip.losses import contrastive_loss, og_clip_loss
+from ogclip.losses import contrastive_loss, distributed_world_size, og_clip_loss
 from ogclip.models.mrl import MatryoshkaHead
 
 
@@ -61,7 +61,9 @@ def test_total_is_clip_plus_mrl_plus_weighted_bpa(weighting: str) -> None:
         torch.testing.assert_close(terms.mrl, terms.per_dim.mean())
         assert terms.bpa == 0
     else:
-        assert terms.bpa > 0 and not torch.allclose(terms.alpha, torch.full((8,), 1 / 8))
+        assert terms.bpa > 0 and float(terms.alpha.min()) >= 0.5 / 8 - 1e-6
+        torch.testing.assert_close(terms.alpha.sum(), torch.tensor(1.0))
+    assert len(terms.as_dict()["alpha"]) == 8  # logged every step
     terms.total.backward()
     assert torch.isfinite(image.grad).all()
 
@@ -76,3 +78,47 @@ def test_model_loss_and_gradients_are_finite(model: ogclip.OGCLIP) -> None:
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
     assert model.logit_scale.grad is not None
+
+
+def test_alpha_is_updated_from_the_labelled_batch() -> None:
+    """With class labels, α's classification contribution counts same-class texts as right answers."""
+    generator = torch.Generator().manual_seed(4)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    image = F.normalize(torch.randn(4, 64, generator=generator)[labels] + 0.3 * torch.randn(8, 64, generator=generator),
+                        dim=-1)
+    text = F.normalize(image + 0.3 * torch.randn(8, 64, generator=generator), dim=-1)
+    out = {"image_features": image, "text_features": text, "logit_scale": torch.tensor(10.0)}
+    head = MatryoshkaHead(64, MRLConfig(alpha_momentum=0.0)).train()
+    terms = og_clip_loss(out, head, labels)
+    expected = MatryoshkaHead(64, MRLConfig(alpha_momentum=0.0))
+    expected.update_alpha(expected.split(image), expected.split(text), torch.tensor(10.0), labels)
+    torch.testing.assert_close(terms.alpha, expected.alpha)
+    assert not torch.equal(head.scores(head.split(image), head.split(text), torch.tensor(10.0), labels),
+                           head.scores(head.split(image), head.split(text), torch.tensor(10.0)))
+
+
+def test_single_process_loss_needs_no_process_group() -> None:
+    """Outside torch.distributed the loss is the local batch's (the two-rank case is tests/test_gather.py)."""
+    assert distributed_world_size() == 1
+    head = MatryoshkaHead(64, MRLConfig(alpha_momentum=0.0)).train()
+    image, text = _features()
+    out = {"image_features": image, "text_features": text, "logit_scale": torch.tensor(10.0)}
+    gathered, local = og_clip_loss(out, head), og_clip_loss(out, head, gather=False)
+    torch.testing.assert_close(gathered.total, local.total)
+
+
+def test_hard_negatives_join_only_the_image_to_text_softmax() -> None:
+    """Against a hand computation: extra texts widen each image's softmax, never the text→image one."""
+    g = torch.Generator().manual_seed(0)
+    image, text, negatives = (F.normalize(torch.randn(n, 8, generator=g), dim=-1) for n in (3, 3, 4))
+    scale = torch.tensor(10.0)
+    logits = scale * image @ text.T
+    extra = scale * image @ negatives.T
+    i2t = -torch.stack([logits[i, i] - torch.logsumexp(torch.cat([logits[i], extra[i]]), 0) for i in range(3)]).mean()
+    t2i = -torch.stack([logits[i, i] - torch.logsumexp(logits[:, i], 0) for i in range(3)]).mean()
+    torch.testing.assert_close(contrastive_loss(image, text, scale, negatives=negatives), (i2t + t2i) / 2)
+    torch.testing.assert_close(contrastive_loss(image, text, scale, negatives=negatives[:0]),
+                               contrastive_loss(image, text, scale))
+    labels = torch.tensor([0, 1, 2])
+    torch.testing.assert_close(contrastive_loss(image, text, scale, labels, negatives),
+                               contrastive_loss(image, text, scale, None, negatives))

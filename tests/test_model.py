@@ -138,3 +138,23 @@ def test_bf16_autocast_matches_fp32_on_gpu() -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             low = model.encode_image(images, masks)
     assert F.cosine_similarity(ref, low.float(), dim=-1).min() > 0.99
+
+
+def test_training_ensemble_is_the_vector_classes_are_classified_by(model: ogclip.OGCLIP) -> None:
+    """An image trained with several prompts (``text_owner``) is aligned with exactly its class's zero-shot vector,
+    and the projection gets gradients through the ensemble."""
+    from ogclip.zeroshot import class_embeddings
+
+    prompts = {"a": ["a grey fighter", "a delta wing aircraft"], "b": ["a white destroyer", "a ship", "at sea"]}
+    images, masks = images_and_masks(batch=3, size=model.cfg.image_size)
+    texts = prompts["a"] + prompts["b"] + prompts["a"]
+    owner = torch.tensor([0, 0, 1, 1, 1, 2, 2])
+    out = model(images, model.tokenize(texts), masks, owner)
+    expected = class_embeddings(model, prompts)
+    torch.testing.assert_close(out["text_features"].detach(), expected[[0, 1, 0]], atol=1e-5, rtol=0)
+    out["text_features"].sum().backward()
+    projection = model.text_projection_parameters()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in projection)
+    model.zero_grad(set_to_none=True)
+    with pytest.raises(ValueError, match="one group per feature row"):
+        model(images, model.tokenize(texts), masks, owner[:-1])

@@ -3,6 +3,7 @@ read back by a fresh process, and the evaluation metrics on inputs with known an
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -19,7 +20,7 @@ import pytest
 import ray
 import torch
 
-from ogclip.config import EvalConfig, PreprocessConfig, TrainConfig, TrainJobConfig
+from ogclip.config import EvalConfig, PreprocessConfig, SynthStreamConfig, TrainConfig, TrainJobConfig
 from ogclip.synth import TargetClass, render
 from ogclip.transforms import apply_visual_prompt
 from ogclip_jobs.data.images import png_bytes
@@ -195,12 +196,18 @@ def test_prompts_by_mode_and_training_texts() -> None:
            "facts": [{"attribute": "silhouette", "value": "delta wing"}, {"attribute": "colour", "value": "grey"}]}
     kg, label = prompts_for([row], "kg")["f-16"], prompts_for([row], "label")["f-16"]
     assert len(label) == 1 and "F-16" in label[0] and "delta wing" not in label[0]
-    assert len(kg) >= 3 and any("delta wing" in p for p in kg)
-    assert all("delta wing" in p for p in kg) and any("F-16" not in p for p in kg), "kg prompts describe the look"
-    texts = sample_texts(["f-16"] * 200, ["its caption"] * 200, {"f-16": kg}, "kg", random.Random(0))
+    assert any("delta wing" in p for p in kg) and any("painted grey" in p for p in kg)
+    assert not any("F-16" in p for p in kg), "kg prompts describe the look, not the name"
+    assert sum("delta wing" in p or "grey" in p for p in kg) == 2, "one attribute per prompt"
+    texts, owner = sample_texts(["f-16"] * 200, ["its caption"] * 200, {"f-16": kg}, "kg", random.Random(0))
     assert "its caption" in texts and set(texts) <= {*kg, "its caption"}
-    assert set(sample_texts(["f-16"] * 50, ["its caption"] * 50, {"f-16": label}, "label", random.Random(0))) \
-        == set(label)
+    assert len(owner) == len(texts) and sorted(set(owner)) == list(range(200))
+    ensembles = [[t for t, o in zip(texts, owner, strict=True) if o == i] for i in range(200)]
+    assert all(e == ["its caption"] or e == kg for e in ensembles), "an image gets its caption or the whole ensemble"
+    texts, owner = sample_texts(["f-16"] * 50, ["its caption"] * 50, {"f-16": kg}, "kg", random.Random(0), 0.0)
+    assert "its caption" not in texts and len(texts) == 50 * len(kg)
+    texts, _ = sample_texts(["f-16"] * 50, ["its caption"] * 50, {"f-16": label}, "label", random.Random(0))
+    assert set(texts) == set(label)
 
 
 def test_ablation_variants_share_the_budget() -> None:
@@ -210,6 +217,11 @@ def test_ablation_variants_share_the_budget() -> None:
     assert all(c.train == base.train and c.model == base.model and not c.export for c in configs.values())
     assert configs["CLIP"].prompts == "label" and configs["CLIP"].visual_prompt == "none"
     assert configs["+Adaptive MRL (OG-CLIP)"].mrl == "adaptive" and configs["plain MRL"].mrl == "uniform"
+    stream = base.model_copy(update={"data": SynthStreamConfig(seed=10)})
+    seeded = [variant_config(stream, "+ROI", seed) for seed in (0, 1, 2)]
+    assert len({c.name for c in seeded}) == 3 and [c.seed for c in seeded] == [0, 1, 2]
+    assert [c.data.seed for c in seeded] == [10, 11, 12], "each seed renders its own pictures"
+    assert all(c.train == base.train for c in seeded)
 
 
 def test_eval_refuses_an_unknown_class_set(graph, tmp_path: Path) -> None:
@@ -217,3 +229,35 @@ def test_eval_refuses_an_unknown_class_set(graph, tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="empty or unknown"):
         eval_classes(graph, EvalConfig(class_set="no-such-set", data=tmp_path))
+
+
+def test_synthetic_stream_renders_fresh_deterministic_rows(graph) -> None:
+    """The on-the-fly training stream: the columns the loop reads, classes drawn over the whole set, every row a
+    new picture, the same rows for the same seed."""
+    from ogclip_jobs.train import RenderForTraining
+    from ogclip_kg import cypher
+    from ogclip_kg.prompts import fetch_class_facts
+
+    keys = [r["key"] for r in graph.read(cypher.CLASS_SET_KEYS, key="train")][:40]
+    facts = {row["key"]: row for row in fetch_class_facts(graph, keys)}
+    preprocess = PreprocessConfig(image_size=32).model_dump(mode="json")
+    stage = RenderForTraining(preprocess, facts, seed=3)
+    batch = stage({"id": list(range(64))})
+    assert batch["image"].shape == (64, 3, 32, 32) and batch["mask"].shape == (64, 1, 32, 32)
+    assert set(batch["key"]) <= set(keys) and len(set(batch["key"])) > 20
+    assert [sorted(keys)[i] for i in batch["label"]] == list(batch["key"])
+    assert len({row.tobytes() for row in batch["image"]}) == 64, "every row is a new render"
+    assert 0 < batch["mask"].mean() < 0.5 and set(batch["mask"].ravel().tolist()) <= {0.0, 1.0}
+    again = RenderForTraining(preprocess, facts, seed=3)({"id": [5, 6]})
+    assert (again["image"] == batch["image"][5:7]).all() and list(again["key"]) == list(batch["key"][5:7])
+    other = RenderForTraining(preprocess, facts, seed=4)({"id": [5, 6]})
+    assert not (other["image"] == batch["image"][5:7]).all()
+    # The batch-wide normalisation is the evaluation transform's, on the same pixels.
+    from ogclip.transforms import image_mask_transform
+
+    index = int(batch["label"][0])
+    draw = int.from_bytes(hashlib.sha256(b"3:0").digest()[:16], "big")
+    sample = render(stage.targets[index], seed=draw >> 64, size=32)
+    image, mask = image_mask_transform(PreprocessConfig(image_size=32))(sample.image, sample.mask)
+    torch.testing.assert_close(torch.from_numpy(batch["image"][0]), image, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.from_numpy(batch["mask"][0]), mask)

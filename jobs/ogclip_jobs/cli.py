@@ -69,18 +69,28 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from ogclip.config import AblationConfig, EvalConfig
+    from ogclip.config import AblationConfig, EvalConfig, ProbeConfig
     from ogclip_jobs.evaluate import run_ablation, run_evaluation
 
+    if args.eval_command and args.mask_modes:
+        raise ValueError(f"--mask-modes is an option of `eval` itself, not of `eval {args.eval_command}`")
     if args.eval_command == "ablation":
         if not args.config:
             raise ValueError("`eval ablation` needs --config, e.g. infra/configs/ablation-cpu.yaml")
         run_ablation(load_yaml_config(args.config, AblationConfig))
         return 0
+    if args.eval_command == "probe":
+        from ogclip_jobs.probe import run_probe
+
+        probe = load_yaml_config(args.config, ProbeConfig) if args.config else ProbeConfig()
+        updates = {k: v for k, v in (("bundle", args.bundle), ("output_dir", args.output_dir)) if v}
+        run_probe(probe.model_copy(update=updates))
+        return 0
     cfg = load_yaml_config(args.config, EvalConfig) if args.config else EvalConfig()
-    if args.bundle:
-        cfg = cfg.model_copy(update={"bundle": args.bundle})
-    run_evaluation(cfg)
+    updates = {k: v for k, v in (("bundle", args.bundle), ("output_dir", args.output_dir)) if v}
+    if args.mask_modes:
+        updates["mask_modes"] = EvalConfig.model_validate({"mask_modes": args.mask_modes.split(",")}).mask_modes
+    run_evaluation(cfg.model_copy(update=updates))
     return 0
 
 
@@ -217,10 +227,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--steps", type=int, help="override train.steps")
     train.set_defaults(func=_train)
 
-    evaluate = commands.add_parser("eval", help="zero-shot evaluation on the unseen classes; `eval ablation`")
-    evaluate.add_argument("eval_command", nargs="?", choices=["ablation"], help="run the ablation instead")
-    evaluate.add_argument("--config", type=Path, help="EvalConfig YAML (AblationConfig for `eval ablation`)")
+    evaluate = commands.add_parser("eval", help="zero-shot evaluation on the unseen classes; `eval ablation`, "
+                                   "`eval probe`")
+    evaluate.add_argument("eval_command", nargs="?", choices=["ablation", "probe"],
+                          help="'ablation': train and score the building blocks; 'probe': attribute linear probes of "
+                          "the bundle's image and text features")
+    evaluate.add_argument("--config", type=Path, help="EvalConfig YAML (AblationConfig for `eval ablation`, "
+                          "ProbeConfig for `eval probe`)")
     evaluate.add_argument("--bundle", type=Path, help="the bundle to evaluate (overrides the config)")
+    evaluate.add_argument("--output-dir", type=Path, help="where the reports go (overrides the config)")
+    evaluate.add_argument("--mask-modes", help="comma-separated ROI mask modes, e.g. exact,predicted,box "
+                          "(overrides the config; `eval` only)")
     evaluate.set_defaults(func=_eval)
     data = commands.add_parser("data", help="the curation pipeline on Ray Data")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")

@@ -11,10 +11,11 @@ from typing import Any
 
 import torch
 
-from ogclip.config import AblationConfig, DemoConfig
+from ogclip.config import AblationConfig, DemoConfig, ProbeConfig
 from ogclip.models import create_model
 from ogclip_jobs.data.pipeline import run_pipeline
 from ogclip_jobs.evaluate import VARIANTS, run_ablation, run_evaluation
+from ogclip_jobs.probe import run_probe
 from ogclip_jobs.runtime import ensure_ray, open_graph
 from ogclip_jobs.train import run_training
 
@@ -34,15 +35,35 @@ def plug_and_play_gap(model_name: str) -> float:
 def wire(cfg: DemoConfig) -> DemoConfig:
     """Point every stage's inputs and outputs at folders under ``output_dir``."""
     out = cfg.output_dir
-    train_data = cfg.train_data.model_copy(update={"output_dir": out / "data-train"})
+    train_data = cfg.train_data and cfg.train_data.model_copy(update={"output_dir": out / "data-train"})
     test_data = cfg.test_data.model_copy(update={"output_dir": out / "data-test"})
-    train = cfg.train.model_copy(update={"data": train_data.output_dir / SHARDS, "output_dir": out / "train",
-                                         "prompts": "kg", "visual_prompt": "roi"})
+    train = cfg.train.model_copy(update={"data": train_data.output_dir / SHARDS if train_data else cfg.train.data,
+                                         "output_dir": out / "train", "prompts": "kg", "visual_prompt": "roi"})
     evaluation = cfg.eval.model_copy(update={"bundle": out / "train" / train.name / "bundle",
                                              "data": test_data.output_dir / SHARDS, "output_dir": out / "eval",
                                              "prompts": "kg", "visual_prompt": "roi"})
     return cfg.model_copy(update={"train_data": train_data, "test_data": test_data, "train": train,
                                   "eval": evaluation})
+
+
+def evaluate_bundle(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Step 4 on a wired config: zero-shot mAcc under every mask mode and by look, again with name-only prompts
+    (first mask mode), and the attribute probes; the figures for ``demo.json`` (keys ``eval`` and ``probe``)."""
+    report = run_evaluation(cfg.eval, log)
+    figures = {k: report[k] for k in ("model_version", "macc", "mask_mode", "macc_by_dim", "per_super_category",
+                                      "looks", "cost")}
+    figures["macc_by_mask_mode"] = {mode: s["macc"] for mode, s in report["mask_modes"].items()}
+    figures["mask_iou"] = {mode: s["mask_iou"] for mode, s in report["mask_modes"].items()
+                           if s["mask_iou"] is not None}
+    label_eval = cfg.eval.model_copy(update={"prompts": "label", "mask_modes": cfg.eval.mask_modes[:1],
+                                             "output_dir": cfg.output_dir / "eval-label"})
+    label_macc = run_evaluation(label_eval, lambda _: None)["macc"]
+    figures["macc_label_prompts"] = label_macc
+    log(f"      the same bundle ({report['mask_mode']} masks), class embeddings from the graph's prompts: "
+        f"{100 * report['macc']:.1f}% mAcc; from the class names alone: {100 * label_macc:.1f}% (eval-label/report.md)")
+    probe = run_probe(ProbeConfig(bundle=cfg.eval.bundle, output_dir=cfg.output_dir / "probe"),
+                      lambda line: log(f"      {line}"))
+    return {"eval": figures, "probe": probe["rows"]}
 
 
 def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -64,8 +85,10 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
     log(f"      plug-and-play: a fresh {cfg.train.model} with vs without a mask differs by {gap:.1e} (ROI starts at 0)")
     summary.update(graph=counts, fresh_mask_gap=gap)
 
-    step(2, "curation pipeline on Ray Data: the synthetic world's train classes and its unseen test classes")
-    for name, data in (("train", cfg.train_data), ("test", cfg.test_data)):
+    curated = {"train": cfg.train_data, "test": cfg.test_data} if cfg.train_data else {"test": cfg.test_data}
+    step(2, "curation pipeline on Ray Data: " + " and ".join(f"the synthetic world's {name} classes"
+                                                             for name in curated))
+    for name, data in curated.items():
         records = run_pipeline(data, log=lambda line: log(f"      {line}"))
         summary[f"data_{name}"] = {stage: {k: v for k, v in r.items() if not isinstance(v, (dict, list))}
                                    for stage, r in records.items()}
@@ -74,15 +97,10 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
     model, trained = run_training(cfg.train, log)
     summary["train"] = trained
 
-    step(4, "zero-shot evaluation of the exported bundle on the unseen test classes, with the graph's prompts and "
-            "then with the class names alone")
-    report = run_evaluation(cfg.eval, log)
-    summary["eval"] = {k: report[k] for k in ("model_version", "macc", "macc_by_dim", "per_super_category", "cost")}
-    label_eval = cfg.eval.model_copy(update={"prompts": "label", "output_dir": cfg.output_dir / "eval-label"})
-    label_macc = run_evaluation(label_eval, lambda _: None)["macc"]
-    summary["eval"]["macc_label_prompts"] = label_macc
-    log(f"      the same bundle, class embeddings from the graph's prompts: {100 * report['macc']:.1f}% mAcc; from the "
-        f"class names alone: {100 * label_macc:.1f}% (eval-label/report.md)")
+    step(4, f"zero-shot evaluation of the exported bundle on the unseen test classes ({', '.join(cfg.eval.mask_modes)} "
+            "masks; seen and new looks), with the graph's prompts and then with the class names alone; attribute "
+            "probes of its image and text features")
+    summary.update(evaluate_bundle(cfg, log))
 
     if cfg.ablation:
         step(5, f"ablation: {len(VARIANTS) - 1} more models with the same budget (the OG-CLIP row is step 3's)")
@@ -98,8 +116,9 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
         f"{len(next(iter(stored.values())))} dims in the graph; bundle at {trained['bundle']}")
     summary["seconds"] = round(time.perf_counter() - started, 1)
     (cfg.output_dir / "demo.json").write_text(json.dumps(summary, indent=2, default=str))
-    log(f"\ndone in {summary['seconds']:.0f}s. Outputs under {cfg.output_dir}/: data-train/ data-test/ (shards), "
+    log(f"\ndone in {summary['seconds']:.0f}s. Outputs under {cfg.output_dir}/: "
+        + " ".join(f"data-{name}/" for name in curated) + " (shards), "
         f"train/{cfg.train.name}/ (checkpoints, metrics.jsonl, bundle/), eval/report.md, "
-        "eval-label/report.md"
+        "eval-label/report.md, probe/probe.md"
         + (", ablation/ablation.md" if cfg.ablation else "") + ", demo.json")
     return summary

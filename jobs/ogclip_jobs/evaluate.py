@@ -3,27 +3,53 @@
 Only test-set classes are candidates and only their images are scored, so every figure is true zero-shot: the
 model never saw these classes, only their graph descriptions. Reports: per-class top-1, mAcc, mAcc per
 super-category, mAcc at every embedding size, the cost table (parameters, FLOPs, images/s); Markdown, JSON, PNG.
+
+Two splits make the figure honest about what it measures:
+
+* **Mask modes.** The renderer's exact mask is a luxury inference does not have: the paper segments at inference.
+  Every configured mode (``exact``: the data's mask; ``predicted``: a segmenter's; ``box``: the filled bounding box
+  a client would send) is scored on the same images through one encoding pass, with the predicted masks' IoU
+  against the exact ones.
+* **Seen vs new looks.** A test class is a new name, but its look (silhouette, colour, size, pattern, accent) may be
+  one some training class already has; only the classes whose look is new are compositional zero-shot.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import ray
 import torch
+from PIL import Image
 
 from ogclip.bundle import load_bundle
-from ogclip.config import AblationConfig, EvalConfig, PromptMode, TrainJobConfig, VisualPromptName
+from ogclip.config import (
+    AblationConfig,
+    EvalConfig,
+    EvalSegmenterConfig,
+    MaskMode,
+    PreprocessConfig,
+    PromptMode,
+    SynthStreamConfig,
+    TrainJobConfig,
+    VisualPromptName,
+)
 from ogclip.metrics import image_flops, per_class_accuracy, zero_shot_predict
 from ogclip.models import OGCLIP, truncate
-from ogclip.transforms import apply_visual_prompt
+from ogclip.segment import CpuSegmenter, Sam2Segmenter, box_mask
+from ogclip.synth import TargetClass
+from ogclip.transforms import apply_visual_prompt, decode_image, image_mask_transform
 from ogclip.zeroshot import class_embeddings
-from ogclip_jobs.train import DecodeForTraining, data_labels, prompts_for, run_training
+from ogclip_jobs.data.images import decode_mask, mask_iou
+from ogclip_jobs.data.stages import present
+from ogclip_jobs.train import data_labels, prompts_for, run_training
 
 # The ablation: (prompts, visual prompt, MRL) per variant, in the paper's Table 3 order, then the baselines.
 VARIANTS: dict[str, tuple[PromptMode, VisualPromptName, str]] = {
@@ -43,27 +69,134 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
 
 
+def mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """The tight bounding box (x0, y0, x1, y1; x1/y1 exclusive, in pixels) of a boolean mask; None if it is empty."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if not len(rows):
+        return None
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
+def roi_mask(mode: MaskMode, image: Any, exact: np.ndarray, segmenter: Any = None) -> np.ndarray:
+    """The boolean ROI mask of one test image under ``mode`` (``exact``: the data's mask, as given)."""
+    if mode == "exact":
+        return exact
+    if mode == "box":
+        box = mask_box(exact)
+        height, width = exact.shape
+        # No visible target: a client could only send the whole frame.
+        return box_mask(box or (0, 0, width, height), width, height)
+    if mode == "predicted":
+        return np.asarray(segmenter.segment(image), dtype=bool)
+    raise ValueError(f"unknown mask mode {mode!r}")
+
+
+def resolve_segmenter(cfg: EvalSegmenterConfig) -> tuple[EvalSegmenterConfig, str | None]:
+    """The segmenter the ``predicted`` mode will use, and why it differs from the configured one (or None).
+
+    SAM2 is used when configured and available (package installed, checkpoint present); otherwise the CPU segmenter
+    stands in, so a machine without SAM2 still reports predicted-mask figures, labelled with what made them.
+    """
+    if cfg.method != "sam2":
+        return cfg, None
+    if importlib.util.find_spec("sam2") is None:
+        reason = "the sam2 package is not installed"
+    elif not Path(cfg.sam2_checkpoint).is_file():
+        reason = f"the SAM2 checkpoint {cfg.sam2_checkpoint} does not exist"
+    else:
+        return cfg, None
+    return cfg.model_copy(update={"method": "cpu"}), f"SAM2 configured but {reason}: the CPU segmenter stands in"
+
+
+class DecodeTestImages:
+    """Ray Data stage: test rows → the evaluation transform of each image and of its ROI mask under every mode,
+    and each mode's mask IoU against the exact mask (computed at the image's own resolution)."""
+
+    def __init__(self, preprocess: dict[str, Any], classes: Sequence[str], modes: Sequence[MaskMode],
+                 segmenter: dict[str, Any]) -> None:
+        self.transform = image_mask_transform(PreprocessConfig.model_validate(preprocess), train=False)
+        self.size = int(preprocess["image_size"])
+        self.index = {key: i for i, key in enumerate(classes)}
+        self.modes = list(modes)
+        self.segmenter = None
+        if "predicted" in self.modes:
+            seg = EvalSegmenterConfig.model_validate(segmenter)
+            self.segmenter = CpuSegmenter() if seg.method == "cpu" else Sam2Segmenter(
+                str(seg.sam2_checkpoint), seg.sam2_config, prompt=seg.prompt, device=seg.device)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        images, labels = [], []
+        masks: dict[str, list[np.ndarray]] = {mode: [] for mode in self.modes}
+        ious: dict[str, list[float]] = {mode: [] for mode in self.modes}
+        for i, label in enumerate(batch["label"]):
+            if str(label) not in self.index:
+                continue
+            image = decode_image(bytes(batch["image"][i]))
+            given = present(batch["mask"][i])
+            # Data without masks: the exact mode is the all-ones ROI ("no specific region"), and no IoU is scored.
+            exact = decode_mask(bytes(batch["mask"][i])) if given else np.ones(image.size[::-1], dtype=bool)
+            for mode in self.modes:
+                mask = roi_mask(mode, image, exact, self.segmenter)
+                image_t, mask_t = self.transform(image, Image.fromarray((mask * 255).astype(np.uint8)))
+                masks[mode].append(mask_t.numpy())
+                ious[mode].append(mask_iou(mask, exact) if given and mode != "exact" else np.nan)
+            images.append(image_t.numpy())  # the image's transform is the same under every mode
+            labels.append(self.index[str(label)])
+
+        def stack(arrays: list[np.ndarray], channels: int) -> np.ndarray:
+            return np.stack(arrays) if arrays else np.zeros((0, channels, self.size, self.size), np.float32)
+
+        out = {"image": stack(images, 3), "label": np.asarray(labels, dtype=np.int64)}
+        for mode in self.modes:
+            out[f"mask_{mode}"] = stack(masks[mode], 1)
+            out[f"iou_{mode}"] = np.asarray(ious[mode], dtype=np.float64)
+        return out
+
+
+@dataclass
+class EncodedTestSet:
+    """Full-size image features of every test image under each mask mode, their class indices, and the mean mask
+    IoU against the exact mask per mode (None where the data has no masks)."""
+
+    features: dict[str, torch.Tensor]
+    labels: torch.Tensor
+    mask_iou: dict[str, float | None]
+
+
 @torch.no_grad()
 def encode_test_images(model: OGCLIP, data: Path, classes: list[str], visual_prompt: VisualPromptName,
-                       batch_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """Full-size image features and class indices of every test image (decoded by Ray Data, encoded here)."""
+                       batch_size: int = 128, modes: Sequence[MaskMode] = ("exact",),
+                       segmenter: EvalSegmenterConfig | None = None) -> EncodedTestSet:
+    """Every test image encoded once per mask mode (decoded and masked by Ray Data, encoded here): one pass, one
+    code path for all modes, so the modes differ only in the ROI mask."""
     from ogclip_jobs.runtime import ensure_ray
 
     ensure_ray()
-    preprocess = model.cfg.preprocess.model_dump(mode="json")
-    ds = ray.data.read_parquet(str(data), columns=["image", "mask", "label", "caption"], num_cpus=0.25).map_batches(
-        DecodeForTraining, fn_constructor_kwargs={"preprocess": preprocess, "classes": classes, "train": False},
-        batch_size=batch_size, num_cpus=0.25, concurrency=1, batch_format="numpy")
+    segmenter = segmenter or EvalSegmenterConfig()
+    preprocess = model.cfg.preprocess
+    stage: dict[str, Any] = {"num_cpus": 0.25}
+    if "predicted" in modes and segmenter.method == "sam2" and segmenter.num_gpus:
+        stage["num_gpus"] = segmenter.num_gpus  # SAM2 on the GPU its actor is given
+    ds = ray.data.read_parquet(str(data), columns=["image", "mask", "label"], num_cpus=0.25).map_batches(
+        DecodeTestImages, fn_constructor_kwargs={"preprocess": preprocess.model_dump(mode="json"), "classes": classes,
+                                                 "modes": list(modes), "segmenter": segmenter.model_dump(mode="json")},
+        batch_size=batch_size, concurrency=1, batch_format="numpy", **stage)
     model.eval()
-    features, labels = [], []
+    features: dict[str, list[torch.Tensor]] = {mode: [] for mode in modes}
+    ious: dict[str, list[np.ndarray]] = {mode: [] for mode in modes}
+    labels = []
     for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
-        images, masks = torch.from_numpy(batch["image"]), torch.from_numpy(batch["mask"])
-        images, masks = apply_visual_prompt(images, masks, visual_prompt, model.cfg.preprocess)
-        features.append(model.image_features(images.to(model.device), masks.to(model.device)).float().cpu())
-        labels.append(torch.from_numpy(batch["label"]))
-    if not features:
+        images = torch.tensor(batch["image"])  # a copy: Ray's batch arrays are read-only
+        for mode in modes:
+            x, m = apply_visual_prompt(images, torch.tensor(batch[f"mask_{mode}"]), visual_prompt, preprocess)
+            features[mode].append(model.image_features(x.to(model.device), m.to(model.device)).float().cpu())
+            ious[mode].append(batch[f"iou_{mode}"])
+        labels.append(torch.tensor(batch["label"]))
+    if not labels:
         raise ValueError(f"no test images of the {len(classes)} test classes under {data}")
-    return torch.cat(features), torch.cat(labels)
+    iou = {mode: np.concatenate(values) for mode, values in ious.items()}
+    return EncodedTestSet(features={mode: torch.cat(f) for mode, f in features.items()}, labels=torch.cat(labels),
+                        mask_iou={mode: None if np.isnan(v).all() else float(np.nanmean(v)) for mode, v in iou.items()})
 
 
 def zero_shot_scores(image_features: torch.Tensor, labels: torch.Tensor, class_vectors: torch.Tensor,
@@ -116,15 +249,69 @@ def eval_classes(store: Any, cfg: EvalConfig) -> list[dict[str, Any]]:
     return sorted(fetch_class_facts(store, present), key=lambda r: r["key"])
 
 
-def evaluate_model(model: OGCLIP, rows: list[dict[str, Any]], cfg: EvalConfig) -> dict[str, Any]:
-    """Zero-shot scores of ``model`` on ``cfg.data`` with ``rows``' classes as the only candidates."""
+def class_set_rows(store: Any, class_set: str) -> list[dict[str, Any]]:
+    """The fact rows of every class of a graph class set (ValueError if it is empty or unknown)."""
+    from ogclip_kg import cypher
+    from ogclip_kg.prompts import fetch_class_facts
+
+    keys = sorted({r["key"] for r in store.read(cypher.CLASS_SET_KEYS, key=class_set)})
+    if not keys:
+        raise ValueError(f"class set {class_set!r} is empty or unknown")
+    return fetch_class_facts(store, keys)
+
+
+def seen_looks(rows: Sequence[dict[str, Any]], reference: Sequence[dict[str, Any]]) -> list[bool]:
+    """For each class of ``rows``, whether some class of ``reference`` has the same look (all five attributes).
+
+    The look is what the renderer draws (``TargetClass.look``), so a test class with a seen look is, to the image
+    tower, a training class under a new name; only the others test composing known attribute values anew.
+    """
+    known = {TargetClass.from_facts(row).look() for row in reference}
+    return [TargetClass.from_facts(row).look() in known for row in rows]
+
+
+def look_split(per_class: Sequence[float], seen: Sequence[bool]) -> dict[str, Any]:
+    """mAcc over the seen-look classes and over the new-look ones, with each group's class count (classes without
+    images left out; None for an empty group)."""
+    out: dict[str, Any] = {}
+    for name, flag in (("seen_look", True), ("new_look", False)):
+        accuracies = [a for a, s in zip(per_class, seen, strict=True) if s == flag and not np.isnan(a)]
+        out[name] = float(np.mean(accuracies)) if accuracies else None
+        out[f"{name}_classes"] = len(accuracies)
+    return out
+
+
+def evaluate_model(model: OGCLIP, rows: list[dict[str, Any]], cfg: EvalConfig,
+                   seen: Sequence[bool] | None = None) -> dict[str, Any]:
+    """Zero-shot scores of ``model`` on ``cfg.data`` with ``rows``' classes as the only candidates, under every mask
+    mode (``mask_modes``); the top-level figures are the first mode's. ``seen``: each row's look is a training
+    class's (:func:`seen_looks`), which adds the seen-look / new-look split."""
     classes = [r["key"] for r in rows]
     prompts = prompts_for(rows, cfg.prompts, cfg.seed)
     vectors = class_embeddings(model, prompts).cpu()
-    features, labels = encode_test_images(model, cfg.data, classes, cfg.visual_prompt, cfg.batch_size)
-    scores = zero_shot_scores(features, labels, vectors, model.dims, [r["super_category"] for r in rows])
-    scores["classes"] = classes
-    return scores
+    segmenter, note = resolve_segmenter(cfg.segmenter)
+    encoded = encode_test_images(model, cfg.data, classes, cfg.visual_prompt, cfg.batch_size, cfg.mask_modes,
+                                 segmenter)
+    super_categories = [r["super_category"] for r in rows]
+    by_mode = {}
+    for mode in cfg.mask_modes:
+        scores = zero_shot_scores(encoded.features[mode], encoded.labels, vectors, model.dims, super_categories)
+        scores["mask_iou"] = encoded.mask_iou[mode]
+        if seen is not None:
+            scores["looks"] = look_split(scores["per_class"], seen)
+        by_mode[mode] = scores
+    return {**by_mode[cfg.mask_modes[0]], "mask_mode": cfg.mask_modes[0], "mask_modes": by_mode,
+            "segmenter": segmenter.method, "segmenter_note": note, "classes": classes,
+            "seen_look": None if seen is None else [bool(v) for v in seen]}
+
+
+def mode_label(mode: str, segmenter: str) -> str:
+    """'predicted (cpu)' names the segmenter behind the predicted masks; the other modes are their own name."""
+    return f"predicted ({segmenter})" if mode == "predicted" else mode
+
+
+def _pct(value: float | None) -> float | str:
+    return "–" if value is None or np.isnan(value) else 100 * value
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
@@ -155,21 +342,58 @@ def _plot(curves: dict[str, dict[int, float]], path: Path, title: str) -> None:
 
 
 def report_markdown(name: str, scores: dict[str, Any], rows: list[dict[str, Any]], costs: dict[str, float]) -> str:
-    """The evaluation report: mAcc per super-category (Tables 1–2), by dimension, cost (Table 4), per class."""
+    """The evaluation report: mAcc by mask mode with the seen/new-look split and mask IoU, per super-category
+    (Tables 1–2), by dimension and cost (Table 4) for the first mode, and per class under every mode."""
     chance = 100.0 / len(rows)
+    modes = scores["mask_modes"]
+    labels = [mode_label(m, scores["segmenter"]) for m in modes]
+    looks = [m.get("looks") or {} for m in modes.values()]
+    seen_n, new_n = (looks[0].get("seen_look_classes", "?"), looks[0].get("new_look_classes", "?"))
+    categories = sorted({k for m in modes.values() for k in m["per_super_category"]})
     parts = [f"# Zero-shot evaluation: {name}", "",
-             f"{len(rows)} unseen test classes, {scores['images']} images; chance {chance:.1f}%.", "",
-             _table(["super-category", "mAcc %"], [[k, 100 * v] for k, v in scores["per_super_category"].items()]
-                    + [["all (mAcc)", 100 * scores["macc"]]]), "",
-             _table(["dim", *map(str, scores["macc_by_dim"])], [["mAcc %", *(100 * v for v in
-                                                                            scores["macc_by_dim"].values())]]), "",
-             _table(["params (M)", "trainable (M)", "GFLOPs/image", "images/s"],
-                    [[costs["params_M"], costs["trainable_M"], f"{costs['gflops_per_image']:.3f}",
-                      costs["images_per_s"]]]), "",
-             _table(["class", "super-category", "top-1 %"],
-                    [[r["name"], r["super_category"], "–" if np.isnan(a) else 100 * a]
-                     for r, a in zip(rows, scores["per_class"], strict=True)])]
+             f"{len(rows)} unseen test classes, {scores['images']} images; chance {chance:.1f}%. Mask modes: the "
+             "data's exact mask, a segmenter's prediction, the target's filled bounding box. Seen look: some "
+             f"training class has the same silhouette, colour, size, pattern and accent ({seen_n} classes); new "
+             f"look: none has ({new_n} classes), true compositional zero-shot.", ""]
+    if scores.get("segmenter_note"):
+        parts += [f"Note: {scores['segmenter_note']}.", ""]
+    parts += [_table(["mask mode", "mAcc %", "seen-look mAcc %", "new-look mAcc %", "mask IoU vs exact"],
+                     [[label, 100 * m["macc"], _pct(lk.get("seen_look")), _pct(lk.get("new_look")),
+                       "–" if m["mask_iou"] is None else f"{m['mask_iou']:.3f}"]
+                      for label, m, lk in zip(labels, modes.values(), looks, strict=True)]), "",
+              _table(["super-category", *(f"{label} mAcc %" for label in labels)],
+                     [[c, *(_pct(m["per_super_category"].get(c)) for m in modes.values())] for c in categories]
+                     + [["all (mAcc)", *(100 * m["macc"] for m in modes.values())]]), "",
+              f"By embedding size ({labels[0]} masks):", "",
+              _table(["dim", *map(str, scores["macc_by_dim"])], [["mAcc %", *(100 * v for v in
+                                                                             scores["macc_by_dim"].values())]]), "",
+              _table(["params (M)", "trainable (M)", "GFLOPs/image", "images/s"],
+                     [[costs["params_M"], costs["trainable_M"], f"{costs['gflops_per_image']:.3f}",
+                       costs["images_per_s"]]]), "",
+              _table(["class", "super-category", "look", *(f"{label} top-1 %" for label in labels)],
+                     [[r["name"], r["super_category"],
+                       "–" if scores["seen_look"] is None else ("seen" if scores["seen_look"][i] else "new"),
+                       *(_pct(m["per_class"][i]) for m in modes.values())] for i, r in enumerate(rows)])]
     return "\n".join(parts) + "\n"
+
+
+def summary_line(scores: dict[str, Any], classes: int) -> str:
+    """The log line: mAcc under each mask mode (with the predicted masks' IoU), the first mode's seen/new-look
+    split and per-super-category figures."""
+    modes = []
+    for mode, m in scores["mask_modes"].items():
+        iou = f" (mask IoU {m['mask_iou']:.2f})" if m["mask_iou"] is not None else ""
+        modes.append(f"{mode_label(mode, scores['segmenter'])} {100 * m['macc']:.1f}%{iou}")
+    text = f"zero-shot mAcc on {classes} unseen classes (chance {100 / classes:.1f}%): " + ", ".join(modes)
+    looks = scores.get("looks")
+    if looks:
+        text += (f"; {scores['mask_mode']} masks, seen looks ({looks['seen_look_classes']} classes) "
+                 f"{_fmt(looks['seen_look'])}, new looks ({looks['new_look_classes']}) {_fmt(looks['new_look'])}")
+    return text + "; " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in scores["per_super_category"].items())
+
+
+def _fmt(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}%"
 
 
 def run_evaluation(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -179,33 +403,51 @@ def run_evaluation(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict[
     model, info = load_bundle(cfg.bundle)
     with open_graph() as store:
         rows = eval_classes(store, cfg)
-    scores = evaluate_model(model, rows, cfg)
+        seen = seen_looks(rows, class_set_rows(store, cfg.look_class_set))
+    scores = evaluate_model(model, rows, cfg, seen)
+    if scores["segmenter_note"]:
+        log(scores["segmenter_note"])
     costs = cost(model, cfg.cost_batch)
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
     report = {"model_version": info.model_version, "bundle": str(cfg.bundle), **scores, "cost": costs,
               "config": cfg.model_dump(mode="json")}
     (cfg.output_dir / "report.json").write_text(json.dumps(report, indent=2))
     (cfg.output_dir / "report.md").write_text(report_markdown(info.model_version, scores, rows, costs))
-    _plot({info.model_version: scores["macc_by_dim"]}, cfg.output_dir / "macc_by_dim.png",
-          "accuracy vs embedding dimension")
-    log(f"zero-shot mAcc on {len(rows)} unseen classes: {100 * scores['macc']:.1f}% (chance {100 / len(rows):.1f}%); "
-        + ", ".join(f"{k} {100 * v:.1f}%" for k, v in scores["per_super_category"].items()))
+    _plot({mode_label(mode, scores["segmenter"]): m["macc_by_dim"] for mode, m in scores["mask_modes"].items()},
+          cfg.output_dir / "macc_by_dim.png", "accuracy vs embedding dimension")
+    log(summary_line(scores, len(rows)))
     log(f"report in {cfg.output_dir / 'report.md'}")
     return report
 
 
-def variant_config(train: TrainJobConfig, name: str) -> TrainJobConfig:
-    """The training config of one ablation variant: the shared budget, the variant's components, no export."""
+def variant_config(train: TrainJobConfig, name: str, seed: int | None = None) -> TrainJobConfig:
+    """The training config of one ablation variant: the shared budget, the variant's components, no export.
+
+    ``seed`` (default: the budget's own) seeds the model, the sampling and a rendered stream's pictures."""
     prompts, visual, mrl = VARIANTS[name]
-    return train.model_copy(update={"name": f"{train.name}-{_slug(name)}", "prompts": prompts,
-                                    "visual_prompt": visual, "mrl": mrl, "export": False})
+    seed = train.seed if seed is None else seed
+    update: dict[str, Any] = {"name": f"{train.name}-{_slug(name)}" + (f"-s{seed}" if seed != train.seed else ""),
+                              "prompts": prompts, "visual_prompt": visual, "mrl": mrl, "export": False, "seed": seed}
+    if isinstance(train.data, SynthStreamConfig) and seed != train.seed:
+        update["data"] = train.data.model_copy(update={"seed": train.data.seed + seed - train.seed})
+    return train.model_copy(update=update)
+
+
+def _spread(values: list[float]) -> str:
+    """'mean ± std' in percent over seeds (population std; the mean alone for one seed)."""
+    values = [v for v in values if v is not None and not np.isnan(v)]
+    if not values:
+        return "–"
+    mean = 100 * float(np.mean(values))
+    return f"{mean:.1f}" if len(values) == 1 else f"{mean:.1f} ± {100 * float(np.std(values)):.1f}"
 
 
 def run_ablation(cfg: AblationConfig, log: Callable[[str], None] = print,
                  trained: dict[str, OGCLIP] | None = None) -> dict[str, Any]:
-    """Train every variant with the same budget and score each zero-shot on the unseen classes.
+    """Train every variant with the same budget, once per seed, and score each zero-shot on the unseen classes.
 
-    ``trained`` holds variants already trained by the caller with this budget (the demo's main run is OG-CLIP).
+    ``trained`` holds variants already trained by the caller with this budget and its own seed (the demo's main
+    run is OG-CLIP). Every figure of the table is the mean ± std over ``cfg.seeds``.
     """
     from ogclip_jobs.runtime import open_graph
 
@@ -215,31 +457,55 @@ def run_ablation(cfg: AblationConfig, log: Callable[[str], None] = print,
         raise ValueError(f"unknown ablation variants {unknown}; known: {list(VARIANTS)}")
     with open_graph() as store:
         rows = eval_classes(store, cfg.eval)
+        seen = seen_looks(rows, class_set_rows(store, cfg.eval.look_class_set))
     results: dict[str, dict[str, Any]] = {}
-    models = dict(trained or {})
     for i, name in enumerate(names, 1):
         prompts, visual, mrl = VARIANTS[name]
-        if name not in models:
-            log(f"[ablation {i}/{len(names)}] training {name}")
-            models[name], _ = run_training(variant_config(cfg.train, name), log)
-        scores = evaluate_model(models[name], rows, cfg.eval.model_copy(update={"prompts": prompts,
-                                                                               "visual_prompt": visual}))
-        results[name] = {"prompts": prompts, "visual_prompt": visual, "mrl": mrl, **scores}
-        log(f"[ablation {i}/{len(names)}] {name}: mAcc {100 * scores['macc']:.1f}%")
+        runs: dict[int, dict[str, Any]] = {}
+        for seed in cfg.seeds:
+            model = (trained or {}).get(name) if seed == cfg.train.seed else None
+            if model is None:
+                log(f"[ablation {i}/{len(names)}] training {name}, seed {seed}")
+                model, _ = run_training(variant_config(cfg.train, name, seed), log)
+            runs[seed] = evaluate_model(model, rows, cfg.eval.model_copy(update={"prompts": prompts,
+                                                                                "visual_prompt": visual}), seen)
+            log(f"[ablation {i}/{len(names)}] {name}, seed {seed}: " + ", ".join(
+                f"{mode_label(mode, runs[seed]['segmenter'])} mAcc {100 * m['macc']:.1f}%"
+                for mode, m in runs[seed]["mask_modes"].items()))
+        results[name] = {"prompts": prompts, "visual_prompt": visual, "mrl": mrl, "seeds": runs,
+                         "macc": float(np.mean([r["macc"] for r in runs.values()])),
+                         "macc_std": float(np.std([r["macc"] for r in runs.values()])),
+                         "macc_by_dim": {d: float(np.mean([r["macc_by_dim"][d] for r in runs.values()]))
+                                         for d in next(iter(runs.values()))["macc_by_dim"]}}
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
-    categories = sorted({k for r in results.values() for k in r["per_super_category"]})
-    table = _table(["model", "prompts", "visual prompt", "MRL", *categories, "mAcc %", "mAcc % at D/8"],
+    first = next(iter(results.values()))["seeds"] if results else {}
+    categories = sorted({k for r in first.values() for k in r["per_super_category"]})
+    modes = list(cfg.eval.mask_modes)
+    segmenter = next(iter(first.values()))["segmenter"] if first else "cpu"
+
+    def over_seeds(result: dict[str, Any], read: Callable[[dict[str, Any]], float | None]) -> str:
+        return _spread([read(run) for run in result["seeds"].values()])
+
+    table = _table(["model", "prompts", "visual prompt", "MRL", *categories,
+                    *(f"mAcc % {mode_label(m, segmenter)}" for m in modes), "new-look mAcc %", "mAcc % at D/8",
+                    "mAcc % at D/4"],
                    [[name, r["prompts"], r["visual_prompt"], r["mrl"],
-                     *(100 * r["per_super_category"].get(c, float("nan")) for c in categories), 100 * r["macc"],
-                     100 * r["macc_by_dim"][min(r["macc_by_dim"])]] for name, r in results.items()])
+                     *(over_seeds(r, lambda run, c=c: run["per_super_category"].get(c, float("nan")))
+                       for c in categories),
+                     *(over_seeds(r, lambda run, m=m: run["mask_modes"][m]["macc"]) for m in modes),
+                     over_seeds(r, lambda run: run["looks"]["new_look"]),
+                     over_seeds(r, lambda run: run["macc_by_dim"][sorted(run["macc_by_dim"])[0]]),
+                     over_seeds(r, lambda run: run["macc_by_dim"][sorted(run["macc_by_dim"])[1]])]
+                    for name, r in results.items()])
     curves = {label: results[name]["macc_by_dim"] for label, name in DIM_CURVES.items() if name in results}
     dims = sorted({d for c in curves.values() for d in c})
     dim_table = _table(["", *map(str, dims)], [[label, *(100 * c[d] for d in dims)] for label, c in curves.items()])
     budget = cfg.train.train
     text = (f"# Ablation on {len(rows)} unseen classes (chance {100 / len(rows):.1f}%)\n\n"
             f"Every model: {cfg.train.model}, {budget.steps} steps × {cfg.train.num_workers} worker(s) × "
-            f"{budget.batch_size}, the same data and seed.\n\n{table}\n\n## mAcc % vs embedding dimension\n\n"
-            f"{dim_table}\n")
+            f"{budget.batch_size}, the same data; mean ± std over seeds {list(cfg.seeds)}. Super-categories, new "
+            f"looks (no training class has the look) and sizes with {modes[0]} masks.\n\n{table}\n\n"
+            f"## mAcc % vs embedding dimension (mean over seeds)\n\n{dim_table}\n")
     (cfg.output_dir / "ablation.md").write_text(text)
     (cfg.output_dir / "ablation.json").write_text(json.dumps(results, indent=2))
     if curves:

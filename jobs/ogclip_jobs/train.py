@@ -15,6 +15,7 @@ the bundle's model version, the contract with serving.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import math
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import ray
 import ray.train
 import torch
@@ -33,7 +35,7 @@ from PIL import Image
 from torch import Tensor
 
 from ogclip.bundle import export_bundle
-from ogclip.config import PromptMode, TrainConfig, TrainJobConfig
+from ogclip.config import PromptMode, SynthStreamConfig, TrainConfig, TrainJobConfig
 from ogclip.losses import LossTerms, og_clip_loss
 from ogclip.models import OGCLIP, create_model, load_checkpoint, save_checkpoint
 from ogclip.transforms import apply_visual_prompt, decode_image, image_mask_transform
@@ -81,11 +83,13 @@ def train_step(
     labels: Tensor | None,
     generator: torch.Generator,
     autocast_dtype: torch.dtype | None = None,
+    text_owner: Tensor | None = None,
 ) -> LossTerms:
     """One optimisation step on a batch (``texts`` as token ids); returns the loss terms.
 
     ``model`` may be the DDP wrapper of an OG-CLIP (the loss reads the Matryoshka head from the inner module);
-    ``autocast_dtype`` runs the forward pass under autocast (bf16 on GPU).
+    ``autocast_dtype`` runs the forward pass under autocast (bf16 on GPU); ``text_owner``: several prompts per
+    image, ensembled (see :func:`sample_texts`).
     """
     inner: OGCLIP = getattr(model, "module", model)
     model.train()
@@ -95,7 +99,7 @@ def train_step(
     autocast = (torch.autocast(images.device.type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
     with autocast:
-        out = model(images, texts, masks)
+        out = model(images, texts, masks, text_owner)
     out = {k: v.float() for k, v in out.items()}  # the losses in fp32: softmax over the batch is precision-hungry
     terms = og_clip_loss(out, inner.mrl, labels)
     optimizer.zero_grad(set_to_none=True)
@@ -118,16 +122,53 @@ def prompts_for(rows: Sequence[Mapping[str, Any]], mode: PromptMode, seed: int =
     return {row["key"]: prompt_texts(dict(row), mode, seed) for row in rows}
 
 
+def contrast_prompts(facts: Mapping[str, Mapping[str, Any]], mode: PromptMode, seed: int = 0
+                     ) -> Callable[[str], list[list[str]]]:
+    """Class key → the prompt ensembles of every look one attribute away from the class's (computed once per
+    class): the hard negatives of :func:`sample_texts`."""
+    from ogclip_kg.prompts import contrast_looks, prompt_texts
+
+    cache: dict[str, list[list[str]]] = {}
+
+    def contrasts(key: str) -> list[list[str]]:
+        if key not in cache:
+            cache[key] = [prompt_texts(look, mode, seed) for look in contrast_looks(dict(facts[key]))]
+        return cache[key]
+
+    return contrasts
+
+
 def sample_texts(labels: Sequence[str], captions: Sequence[Any], prompts: Mapping[str, Sequence[str]],
-                 mode: PromptMode, rng: random.Random) -> list[str]:
-    """One training text per image: a random prompt of its class, or (KG-Aug) its own caption half the time."""
-    texts = []
+                 mode: PromptMode, rng: random.Random, caption_ratio: float = 0.5,
+                 contrasts: Callable[[str], Sequence[Sequence[str]]] | None = None, negatives: int = 0,
+                 ) -> tuple[list[str], list[int]]:
+    """Each image's training text, as prompts and the image each prompt belongs to (``OGCLIP.forward``'s
+    ``text_owner``): the ensemble of all its class's prompts, which is exactly the vector the class is classified
+    by, or (KG-Aug) its own caption, for a share ``caption_ratio`` of the images that have one.
+
+    Training on the class ensemble rather than on one random prompt matters when the prompts each describe one
+    attribute (:func:`ogclip_kg.prompts.prompt_texts`): a single attribute is shared by many classes of a batch.
+
+    With ``contrasts`` (class key → the prompt ensembles of looks one attribute away, see
+    :func:`ogclip_kg.prompts.contrast_looks`) each image also brings ``negatives`` of them, drawn at random, as
+    extra groups after the batch's own (owners ``len(labels)`` and up): hard negatives.
+    """
+    texts: list[str] = []
+    owner: list[int] = []
+    groups: list[Sequence[str]] = []
     for label, caption in zip(labels, captions, strict=True):
-        if mode == "kg" and isinstance(caption, str) and caption and rng.random() < 0.5:
-            texts.append(caption)
+        if mode == "kg" and isinstance(caption, str) and caption and rng.random() < caption_ratio:
+            groups.append([caption])
         else:
-            texts.append(rng.choice(list(prompts[label])))
-    return texts
+            groups.append(prompts[label])
+    if contrasts is not None and negatives:
+        for label in labels:
+            options = contrasts(label)
+            groups.extend(rng.sample(list(options), min(negatives, len(options))))
+    for i, group in enumerate(groups):
+        texts.extend(group)
+        owner.extend([i] * len(group))
+    return texts, owner
 
 
 # -- data ------------------------------------------------------------------------------------------------------
@@ -164,8 +205,68 @@ class DecodeForTraining:
                 "caption": np.asarray(captions, dtype=object)}
 
 
-def training_dataset(cfg: TrainJobConfig, preprocess: dict[str, Any], classes: Sequence[str]) -> ray.data.Dataset:
-    """The shards as a streaming Ray Dataset of decoded, augmented training rows."""
+class RenderForTraining:
+    """Ray Data stage: row ids → fresh renders of the synthetic world, in the columns of :class:`DecodeForTraining`.
+
+    Row ``i`` draws its class and its render seed from a hash of (``seed``, ``i``): uniform over ``classes``,
+    deterministic, and never the same picture twice. Renders come out at the model's input size, so preprocessing
+    is the normalisation alone, done for the whole batch at once. The renderer already varies pose, scale,
+    background, lighting and occlusion, so the training augmentation is not applied (a random crop would change
+    the apparent size, an attribute the classes differ by). The caption is the template captioner's, as the
+    curation pipeline writes it.
+    """
+
+    def __init__(self, preprocess: dict[str, Any], classes: dict[str, dict[str, Any]], seed: int) -> None:
+        from ogclip.config import PreprocessConfig
+        from ogclip.synth import TargetClass
+        from ogclip_kg.prompts import description
+
+        cfg = PreprocessConfig.model_validate(preprocess)
+        self.size = cfg.image_size
+        self.mean = np.asarray(cfg.mean, np.float32).reshape(1, 3, 1, 1) * 255
+        self.std = np.asarray(cfg.std, np.float32).reshape(1, 3, 1, 1) * 255
+        self.keys = sorted(classes)
+        self.targets = [TargetClass.from_facts(classes[key]) for key in self.keys]
+        self.captions = [description(classes[key], seed) for key in self.keys]
+        self.seed = seed
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        from ogclip.synth import render
+
+        images, masks, labels = [], [], []
+        for row in batch["id"]:
+            draw = int.from_bytes(hashlib.sha256(f"{self.seed}:{int(row)}".encode()).digest()[:16], "big")
+            labels.append(draw % len(self.keys))
+            sample = render(self.targets[labels[-1]], seed=draw >> 64, size=self.size)
+            images.append(np.asarray(sample.image))
+            masks.append(sample.mask)
+        size = self.size
+        image = np.stack(images).astype(np.float32) if images else np.zeros((0, size, size, 3), np.float32)
+        image = ((image.transpose(0, 3, 1, 2) - self.mean) / self.std).astype(np.float32)
+        mask = (np.stack(masks) if masks else np.zeros((0, size, size), np.uint8)).astype(np.float32)[:, None] / 255
+        return {"image": image, "mask": mask, "label": np.asarray(labels, dtype=np.int64),
+                "key": np.asarray([self.keys[i] for i in labels], dtype=object),
+                "caption": np.asarray([self.captions[i] for i in labels], dtype=object)}
+
+
+def training_dataset(cfg: TrainJobConfig, preprocess: dict[str, Any], classes: Sequence[str],
+                     facts: Mapping[str, dict[str, Any]] | None = None) -> ray.data.Dataset:
+    """The training rows as a streaming Ray Dataset: decoded and augmented shards, or the synthetic world rendered
+    on the fly (``facts``: the classes' graph facts, which the renderer draws from) with exactly the rows the run
+    consumes."""
+    if isinstance(cfg.data, SynthStreamConfig):
+        if facts is None:
+            raise ValueError("rendering the synthetic world needs the classes' graph facts")
+        # The row ids live in the object store from the start (a ``range`` read would need a whole CPU of its own,
+        # which a small node has already given to the training workers), one block per few batches so the render
+        # stream starts at once and is split evenly across the workers.
+        rows, block = cfg.train.steps * cfg.train.batch_size * cfg.num_workers, 8 * cfg.train.batch_size
+        ids = [pa.table({"id": np.arange(start, min(start + block, rows))}) for start in range(0, rows, block)]
+        return ray.data.from_arrow(ids).map_batches(
+            RenderForTraining, fn_constructor_kwargs={"preprocess": preprocess, "seed": cfg.data.seed,
+                                                      "classes": {key: dict(facts[key]) for key in classes}},
+            batch_size=cfg.train.batch_size, num_cpus=cfg.data.render_cpus, concurrency=cfg.data.render_tasks,
+            batch_format="numpy")
     if not Path(cfg.data).exists():
         raise FileNotFoundError(f"training data {cfg.data} does not exist; run `ogclip data pipeline` first")
     columns = ["image", "mask", "label", "caption"]
@@ -183,6 +284,22 @@ def data_labels(path: Path) -> list[str]:
     if not files:
         raise FileNotFoundError(f"no Parquet shards under {path}")
     return sorted({str(v) for f in files for v in pq.read_table(f, columns=["label"]).column("label").to_pylist()})
+
+
+def stream_classes(store: Any, cfg: SynthStreamConfig) -> list[str]:
+    """The classes the synthetic stream renders: the class set, or ``max_classes`` of it spread over the looks."""
+    from ogclip_kg import cypher
+    from ogclip_kg.prompts import fetch_class_facts
+
+    keys = [r["key"] for r in store.read(cypher.CLASS_SET_KEYS, key=cfg.class_set)]
+    if not keys:
+        raise ValueError(f"class set {cfg.class_set!r} is empty or unknown")
+    if cfg.max_classes is None or cfg.max_classes >= len(keys):
+        return sorted(keys)
+    from ogclip.synth import TargetClass, spread_classes
+
+    targets = {row["key"]: TargetClass.from_facts(row) for row in fetch_class_facts(store, keys)}
+    return spread_classes(targets, cfg.max_classes, cfg.seed)
 
 
 # -- the training loop (runs on every Ray Train worker) ---------------------------------------------------------
@@ -218,6 +335,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
     cfg = TrainJobConfig.model_validate(config["job"])
     prompts: dict[str, list[str]] = config["prompts"]
+    contrasts = contrast_prompts(config["facts"], cfg.prompts, cfg.seed) if config.get("facts") else None
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(max(1, math.ceil(cfg.cpus_per_worker)))
@@ -244,17 +362,21 @@ def train_loop(config: dict[str, Any]) -> None:
     log_path = Path(config["run_dir"]) / "metrics.jsonl"
     started, steps_here = time.perf_counter(), 0
     batch_size = cfg.train.batch_size
+    stream = isinstance(cfg.data, SynthStreamConfig)  # rendered in random order already: nothing to shuffle
     while step < cfg.train.steps:
         for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True,
-                                        local_shuffle_buffer_size=cfg.shuffle_buffer,
+                                        local_shuffle_buffer_size=None if stream else cfg.shuffle_buffer,
                                         local_shuffle_seed=cfg.seed * 1000 + rank + step):
             images = torch.from_numpy(batch["image"]).to(device)
             masks = torch.from_numpy(batch["mask"]).to(device)
             images, masks = apply_visual_prompt(images, masks, cfg.visual_prompt, model.cfg.preprocess)
             labels = torch.from_numpy(batch["label"]).to(device)
-            texts = model.tokenize(sample_texts(batch["key"], batch["caption"], prompts, cfg.prompts, rng))
-            terms = train_step(wrapped, optimizer, step, cfg.train, images, masks, texts, labels, generator,
-                               autocast_dtype)
+            texts, owner = sample_texts(batch["key"], batch["caption"], prompts, cfg.prompts, rng, cfg.caption_ratio,
+                                        contrasts, cfg.hard_negatives)
+            unique = {t: i for i, t in enumerate(dict.fromkeys(texts))}  # a few dozen sentences: tokenise each once
+            tokens = model.tokenize(list(unique))[torch.tensor([unique[t] for t in texts], device=device)]
+            terms = train_step(wrapped, optimizer, step, cfg.train, images, masks, tokens, labels,
+                               generator, autocast_dtype, torch.tensor(owner, device=device))
             step += 1
             steps_here += 1
             loss = float(terms.total.detach())
@@ -293,7 +415,8 @@ def _use_gpu(cfg: TrainJobConfig) -> bool:
     return bool(cfg.use_gpu)
 
 
-def fit(cfg: TrainJobConfig, prompts: dict[str, list[str]], classes: list[str]) -> ray.train.Result:
+def fit(cfg: TrainJobConfig, prompts: dict[str, list[str]], classes: list[str],
+        facts: Mapping[str, dict[str, Any]] | None = None) -> ray.train.Result:
     """Run the TorchTrainer; a run folder that already holds checkpoints is resumed, not restarted."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -304,11 +427,13 @@ def fit(cfg: TrainJobConfig, prompts: dict[str, list[str]], classes: list[str]) 
     use_gpu = _use_gpu(cfg)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"job": cfg.model_dump(mode="json"), "prompts": prompts, "run_dir": str(run_dir)},
+        train_loop_config={"job": cfg.model_dump(mode="json"), "prompts": prompts, "run_dir": str(run_dir),
+                           # the facts the hard negatives are made from (looks one attribute away)
+                           "facts": dict(facts or {}) if cfg.hard_negatives and cfg.prompts == "kg" else None},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu
                                                                                           else {})}),
-        datasets={"train": training_dataset(cfg, preprocess, classes)},
+        datasets={"train": training_dataset(cfg, preprocess, classes, facts)},
         run_config=RunConfig(
             name="ray", storage_path=str(run_dir),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
@@ -369,19 +494,17 @@ def run_training(cfg: TrainJobConfig, log: Callable[[str], None] = print) -> tup
     from ogclip_kg.prompts import fetch_class_facts
 
     ensure_ray(cfg.ray_num_cpus)
-    classes = data_labels(cfg.data)
     with open_graph() as store:
+        classes = stream_classes(store, cfg.data) if isinstance(cfg.data, SynthStreamConfig) else data_labels(cfg.data)
         rows = fetch_class_facts(store, classes)
-        known = {row["key"] for row in rows}
-        if len(known) < len(classes):
-            log(f"{len(classes) - len(known)} label(s) of the data are not in the graph; their rows are skipped")
-        classes = sorted(known)
         prompts = prompts_for(rows, cfg.prompts, cfg.seed)
+        source = (f"{cfg.data.class_set!r} rendered on the fly" if isinstance(cfg.data, SynthStreamConfig)
+                  else str(cfg.data))
         log(f"training {cfg.model} ({cfg.mrl or 'registry'} MRL, {cfg.prompts} prompts, {cfg.visual_prompt} visual "
-            f"prompt) on {len(classes)} classes from {cfg.data}: {cfg.train.steps} steps × {cfg.num_workers} "
+            f"prompt) on {len(classes)} classes from {source}: {cfg.train.steps} steps × {cfg.num_workers} "
             f"worker(s) × {cfg.train.batch_size}")
         started = time.perf_counter()
-        result = fit(cfg, prompts, classes)
+        result = fit(cfg, prompts, classes, {row["key"]: row for row in rows})
         summary: dict[str, Any] = {"name": cfg.name, "seconds": round(time.perf_counter() - started, 1),
                                    "final_metrics": result.metrics, "run_dir": str(cfg.output_dir / cfg.name)}
         model = best_model(cfg, result)

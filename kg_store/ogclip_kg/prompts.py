@@ -3,7 +3,8 @@
 Five templates per class: the label alone; label and category; label and attributes; a natural-language
 description; the appearance alone (the visual attributes without the name). Wording variants and fact order are
 chosen by a seeded hash, so the same graph and seed always give the same prompts. The captioning stage's VLM prompt
-is built from the same facts.
+is built from the same facts. A class embedding (:func:`prompt_texts`) averages one sentence per visual attribute
+instead (:func:`attribute_prompts`).
 """
 
 from __future__ import annotations
@@ -13,12 +14,11 @@ import random
 from collections.abc import Iterable
 from typing import Any
 
+from ogclip.synth import COLOURS, PATTERNS, SILHOUETTES, SIZES
 from ogclip_kg import cypher
 from ogclip_kg.store import GraphStore
 
 TEMPLATES = ("label", "label_category", "label_attributes", "description", "appearance")
-# What a ``kg`` class embedding averages: the templates that carry graph knowledge beyond the name.
-KG_TEMPLATES = ("label_attributes", "description", "appearance")
 _OPENERS = ("a photo of", "an image of", "a picture of", "a photograph of")
 
 
@@ -68,6 +68,70 @@ def appearance(row: dict[str, Any]) -> str:
                    if details else "")
 
 
+def attribute_prompts(row: dict[str, Any]) -> list[str]:
+    """One sentence per visual attribute, each binding its value to the part it describes, plus the category.
+
+    'an aircraft with a swept wing silhouette.', 'a large aircraft, large in the picture.', 'an aircraft whose body
+    is painted grey.', 'an aircraft with two-tone paint.', 'an aircraft whose markings are red.', 'a fighter, a
+    military aircraft.'. A frozen sentence encoder mean-pools its tokens, so one sentence naming two colours ("a grey
+    aircraft ... red accents") barely tells which colour is the body's: a linear probe on such embeddings finds the
+    accent colour 31% of the time. One sentence per attribute keeps every attribute separable, and a class embedding
+    (the mean over its prompts) becomes a sum of attribute parts: what lets an unseen combination of seen attributes
+    be recognised. The accent colour is only visible on patterned paint, so plain paint says so instead.
+    """
+    facts = _facts(row)
+    kind = "ship" if facts.get("silhouette", "").endswith("hull") else "aircraft"
+    thing = f"{_article(kind)} {kind}"
+    prompts = []
+    if "silhouette" in facts:
+        prompts.append(f"{thing} with a {facts['silhouette']} silhouette.")
+    if "size_class" in facts:
+        prompts.append(f"{_article(facts['size_class'])} {facts['size_class']} {kind}, {facts['size_class']} in the "
+                       "picture.")
+    if "colour" in facts:
+        prompts.append(f"{thing} whose body is painted {facts['colour']}.")
+    pattern = facts.get("pattern", "plain")
+    if pattern == "plain":
+        prompts.append(f"{thing} in plain paint of a single colour, without markings.")
+    else:
+        prompts.append(f"{thing} with {pattern} paint.")
+        if "accent" in facts:
+            prompts.append(f"{thing} whose markings are {facts['accent']}.")
+    category = _category(row)
+    prompts.append(f"{_article(category)} {category}, {_article(row['super_category'])} {row['super_category']}.")
+    return prompts
+
+
+# The visual attributes a look is made of (graph attribute keys) and the values the synthetic world renders.
+LOOK_VALUES: dict[str, tuple[str, ...]] = {
+    "silhouette": tuple(SILHOUETTES), "colour": tuple(COLOURS), "size_class": tuple(SIZES), "pattern": PATTERNS,
+    "accent": tuple(COLOURS),
+}
+
+
+def contrast_looks(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows for every look that differs from the class's in exactly one visual attribute: the hard negatives of
+    contrastive training. A random batch of thousands of classes almost never holds two classes one attribute
+    apart, so nothing would push the image tower to tell, say, red markings from orange ones.
+
+    A silhouette only changes within its kind (aircraft or ship), and the accent colour not at all on plain paint,
+    where it is invisible (and the prompts do not mention it): such a "negative" would look exactly like the class.
+    The rows keep the class's key, name and category; only their facts change.
+    """
+    facts = _facts(row)
+    looks = []
+    for attribute, values in LOOK_VALUES.items():
+        if attribute not in facts or (attribute == "accent" and facts.get("pattern", "plain") == "plain"):
+            continue
+        for value in values:
+            if value == facts[attribute] or (attribute == "silhouette" and
+                                             value.endswith("hull") != facts[attribute].endswith("hull")):
+                continue
+            changed = {**facts, attribute: value}
+            looks.append({**row, "facts": [{"attribute": a, "value": v} for a, v in changed.items()]})
+    return looks
+
+
 def _known_facts(row: dict[str, Any]) -> list[str]:
     facts = _facts(row)
     sentences = []
@@ -114,15 +178,18 @@ def class_prompts(row: dict[str, Any], seed: int = 0) -> dict[str, str]:
 
 
 def prompt_texts(row: dict[str, Any], mode: str = "kg", seed: int = 0) -> list[str]:
-    """The texts a class embedding averages: the knowledge-bearing templates for ``kg`` (KG-Aug), the label alone
-    for ``label``. The name-only templates are left out of ``kg``: an unseen class's name carries little visual
-    signal, and averaging it in pulls each class vector towards its name rather than its look. Export
-    (``ogclip train``) and the service's on-demand embedding both use this, so a class embedded by either gets the
-    same vector under one model version."""
+    """The texts a class embedding averages: for ``kg`` (KG-Aug) one sentence per visual attribute and the
+    category, from the graph's facts (:func:`attribute_prompts`); for ``label`` the label template alone.
+
+    The name-bearing templates are left out of ``kg``: an unseen class's name carries little visual signal, and
+    averaging it in pulls each class vector towards its name rather than its look. Training (the ensemble an image
+    is aligned with), export (``ogclip train``) and the service's on-demand embedding all use this, so a class
+    embedded by any of them gets the same vector under one model version."""
     if mode not in ("kg", "label"):
         raise ValueError(f"unknown prompt mode {mode!r}; expected 'kg' or 'label'")
-    templates = class_prompts(dict(row), seed)
-    return [templates["label"]] if mode == "label" else list(dict.fromkeys(templates[t] for t in KG_TEMPLATES))
+    if mode == "label":
+        return [class_prompts(dict(row), seed)["label"]]
+    return list(dict.fromkeys(attribute_prompts(dict(row))))
 
 
 def vlm_prompt(row: dict[str, Any]) -> str:

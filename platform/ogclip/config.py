@@ -31,6 +31,15 @@ class MRLConfig(StrictModel):
     alpha_momentum: float = Field(
         default=0.9, ge=0.0, lt=1.0, description="EMA momentum of α across steps; 0 uses each batch's α as is."
     )
+    alpha_score_noise: float = Field(
+        default=0.05, ge=0.0, description="Spread of the granularity scores H_g·C_g (each in [0, 1]) below which "
+        "α treats their differences as noise: the Gaussian fusion standardises by sqrt(σ² + this²), so alike "
+        "scores give a near-uniform α instead of a full ramp. 0 is the paper's plain σ.",
+    )
+    alpha_uniform_mix: float = Field(
+        default=0.5, ge=0.0, le=1.0, description="Share of α taken from the uniform 1/G; every α_g ≥ this / G, so "
+        "no granularity is starved of training signal. 0 uses the fused weights alone.",
+    )
 
 
 # OpenAI CLIP's normalisation, which OpenCLIP checkpoints expect (open_clip.constants.OPENAI_DATASET_MEAN/STD;
@@ -176,7 +185,9 @@ class QualityFilterConfig(StrictModel):
     """Image embeddings + DBSCAN per category; outliers go to a review file (and, if asked, out of the shards)."""
 
     enabled: bool = True
-    model: str = Field(default="og-clip-tiny", description="a registry name (fresh weights) or an export bundle path")
+    model: str = Field(default="og-clip-tiny", description="an export bundle path (a trained model: the filter "
+                       "acts); a registry name has fresh random weights, whose clusters are noise, so the stage "
+                       "passes every row through and records that the filter is off")
     eps: float = Field(default=0.15, gt=0, description="DBSCAN radius in cosine distance")
     min_samples: int = Field(default=3, ge=1)
     drop_outliers: bool = False
@@ -298,6 +309,23 @@ VisualPromptName = Literal["roi", "none", "red_circle", "background_mask"]
 PromptMode = Literal["kg", "label"]
 
 
+class SynthStreamConfig(StrictModel):
+    """Training data rendered on the fly from the synthetic world, through Ray Data, instead of stored shards.
+
+    The world is infinite: every training sample is a fresh render at the model's input size (a random class of
+    ``class_set``, a random pose, scale, background and lighting), so the image tower never sees the same picture
+    twice. Zero-shot on unseen classes is limited by the variety of looks and renders seen in training far more
+    than by the model (a few hundred stored renders are memorised within minutes). Deterministic in ``seed``.
+    """
+
+    kind: Literal["synth"] = "synth"
+    class_set: str = Field(default="train", description="graph class set whose classes are rendered")
+    max_classes: int | None = Field(default=None, ge=1, description="spread this many classes over the looks")
+    seed: int = 0
+    render_cpus: float = Field(default=0.5, gt=0, description="CPUs of each Ray Data rendering task")
+    render_tasks: int = Field(default=1, ge=1, description="rendering tasks running at once")
+
+
 class TrainJobConfig(StrictModel):
     """``ogclip train``: OG-CLIP on Ray Train over the curation pipeline's Parquet shards, then export.
 
@@ -310,8 +338,17 @@ class TrainJobConfig(StrictModel):
     pretrained: Path | None = Field(default=None, description="local OpenCLIP/OG-CLIP checkpoint to start from")
     mrl: Literal["adaptive", "uniform", "none"] | None = Field(
         default=None, description="override the architecture's MRL weighting (ablations)")
-    data: Path = Field(default=Path("outputs/data/stages/shards/parquet"), description="Parquet training shards")
+    data: Path | SynthStreamConfig = Field(
+        default=Path("outputs/data/stages/shards/parquet"),
+        description="Parquet training shards (a folder), or {kind: synth, ...} to render the synthetic world on the "
+        "fly")
     prompts: PromptMode = Field(default="kg", description="'kg': graph prompts + captions (KG-Aug); 'label': names")
+    caption_ratio: float = Field(
+        default=0.5, ge=0, le=1, description="with 'kg' prompts, the share of images trained against their own "
+        "caption instead of their class's prompt ensemble")
+    hard_negatives: int = Field(
+        default=0, ge=0, description="with 'kg' prompts, the looks one visual attribute away from an image's class "
+        "that join the batch's texts as extra negatives, per image")
     visual_prompt: VisualPromptName = "roi"
     train: TrainConfig = TrainConfig()
     num_workers: int = Field(default=8, ge=1)
@@ -338,6 +375,28 @@ class TrainJobConfig(StrictModel):
     ray_num_cpus: int | None = Field(default=None, ge=1, description="local Ray's CPUs when no cluster is set")
 
 
+MaskMode = Literal["exact", "predicted", "box"]
+
+
+class EvalSegmenterConfig(StrictModel):
+    """What predicts the ``predicted`` mask mode's masks: the weight-free CPU segmenter, or SAM2 from a local
+    checkpoint (used only when the ``sam2`` package is installed and the checkpoint exists; otherwise the CPU
+    segmenter stands in and the report says so)."""
+
+    method: Literal["cpu", "sam2"] = "cpu"
+    sam2_checkpoint: Path | None = None
+    sam2_config: str = "configs/sam2.1/sam2.1_hiera_l.yaml"
+    prompt: Literal["centre", "auto"] = "centre"
+    device: str = "auto"
+    num_gpus: float = Field(default=0.0, ge=0, description="GPUs of the Ray Data stage that segments (SAM2)")
+
+    @model_validator(mode="after")
+    def _needs_checkpoint(self) -> EvalSegmenterConfig:
+        if self.method == "sam2" and self.sam2_checkpoint is None:
+            raise ValueError("segmenter.method 'sam2' needs segmenter.sam2_checkpoint (a local path)")
+        return self
+
+
 class EvalConfig(StrictModel):
     """``ogclip eval``: zero-shot classification of the unseen test classes with an exported bundle."""
 
@@ -346,9 +405,49 @@ class EvalConfig(StrictModel):
     class_set: str = "test"
     prompts: PromptMode = "kg"
     visual_prompt: VisualPromptName = "roi"
+    mask_modes: list[MaskMode] = Field(
+        default=["exact", "predicted", "box"], min_length=1,
+        description="where each test image's ROI mask comes from, each scored separately: 'exact' the mask shipped "
+        "with the data (the renderer's own), 'predicted' a segmenter's (as the paper segments at inference), "
+        "'box' the filled bounding box of the exact mask (a client giving a box). The first is the headline mAcc")
+    segmenter: EvalSegmenterConfig = EvalSegmenterConfig()
+    look_class_set: str = Field(
+        default="train", description="a test class whose look (silhouette, colour, size, pattern, accent) some class "
+        "of this set shares counts as 'seen look'; the rest are new combinations, true compositional zero-shot")
     batch_size: int = Field(default=128, ge=1)
     cost_batch: int = Field(default=8, ge=1, description="batch of the images/s measurement in the cost table")
     output_dir: Path = Path("outputs/eval")
+    seed: int = 0
+
+    @field_validator("mask_modes")
+    @classmethod
+    def _distinct_modes(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"mask_modes repeats a mode: {value}")
+        return value
+
+
+class ProbeConfig(StrictModel):
+    """``ogclip eval probe``: linear probes of the visual attributes on a bundle's image and text features.
+
+    A probe is fitted on renders (image side) or prompts (text side) of ``train_class_set`` classes and scored on
+    the held-out ``test_class_set`` classes, so it measures what the features encode about each attribute in a
+    form that carries over to combinations of values never seen together.
+    """
+
+    bundle: Path = Path("outputs/train/og-clip/bundle")
+    output_dir: Path = Path("outputs/probe")
+    train_class_set: str = "train"
+    test_class_set: str = "test"
+    train_classes: int | None = Field(
+        default=160, ge=1, description="train classes the probes are fitted on, spread over the attribute values "
+        "(synth.spread_classes with ``seed``); None: all of them (slower: renders_per_class renders each)")
+    renders_per_class: int = Field(default=8, ge=1)
+    image_size: int = Field(default=64, ge=16, description="render size (then the bundle's own preprocessing)")
+    prompt_seed: int = Field(default=0, description="seed of the graph prompts, as export and evaluation use")
+    regularisation: float = Field(default=0.1, gt=0, description="C of the logistic regression (inverse L2 "
+                                  "strength, on standardised features)")
+    batch_size: int = Field(default=256, ge=1)
     seed: int = 0
 
 
@@ -358,6 +457,8 @@ class AblationConfig(StrictModel):
     train: TrainJobConfig
     eval: EvalConfig = EvalConfig()
     variants: list[str] | None = Field(default=None, description="subset of the variants (default: all)")
+    seeds: list[int] = Field(default=[0], min_length=1, description="every variant is trained once per seed; the "
+                             "table gives mean ± std (3 seeds or more before calling one variant better)")
     output_dir: Path = Path("outputs/ablation")
 
 
@@ -369,7 +470,9 @@ class DemoConfig(StrictModel):
     """
 
     output_dir: Path = Path("outputs/demo")
-    train_data: DataPipelineConfig = DataPipelineConfig()
+    train_data: DataPipelineConfig | None = Field(
+        default=None, description="curate a stored training corpus and train on its shards; without it the training "
+        "step reads `train.data` (typically the synthetic world rendered on the fly)")
     test_data: DataPipelineConfig = DataPipelineConfig()
     train: TrainJobConfig = TrainJobConfig(model="og-clip-tiny", num_workers=1)
     eval: EvalConfig = EvalConfig()

@@ -12,10 +12,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ogclip.models import OGCLIP
+from ogclip.models.ogclip import ensemble
 
 
 @torch.no_grad()
@@ -29,11 +29,8 @@ def class_embeddings(model: OGCLIP, prompts: Mapping[str, Sequence[str]], batch_
     was_training = model.training
     model.eval()
     try:
-        features = torch.cat([F.normalize(model.text_features(texts[i:i + batch_size]).float(), dim=-1)
+        features = torch.cat([model.text_features(texts[i:i + batch_size]).float()
                               for i in range(0, len(texts), batch_size)])
     finally:
         model.train(was_training)
-    sums = torch.zeros(len(prompts), features.shape[-1], dtype=features.dtype, device=features.device)
-    sums.index_add_(0, owners.to(features.device), features)
-    return F.normalize(sums, dim=-1)
-
+    return ensemble(features, owners, len(prompts))

@@ -153,7 +153,19 @@ class Pipeline:
         ds = self._input("quality")
         q = self.cfg.quality
         if not q.enabled:
-            return {"rows": self._write(ds, out), "outliers": 0}
+            return {"rows": self._write(ds, out), "outliers": 0, "filter": "off (quality.enabled is false)"}
+        if not Path(q.model).is_dir():
+            # A registry name builds fresh random weights: DBSCAN over their embeddings clusters pixel statistics,
+            # not content, so its "outliers" would be noise. Until a trained bundle is configured the stage passes
+            # every row through and its record and log line say so (no ``outliers`` count: nothing was assessed).
+            from ogclip.models import list_models
+
+            if q.model not in list_models():
+                raise StageError(f"quality.model {q.model!r} is neither an export bundle folder nor a registered "
+                                 "architecture")
+            return {"rows": self._write(ds, out),
+                    "filter": f"off (pass-through): quality.model {q.model!r} is a registry name with untrained "
+                              "weights; set it to a trained export bundle for the filter to act"}
         embedded = _map(ds, stages.EmbedImages, q.resources, model=q.model).materialize()
         points = embedded.select_columns(["id", "label", "embedding"], **LIGHT).take_all()
         outliers = find_outliers(points, q.eps, q.min_samples)
@@ -165,7 +177,8 @@ class Pipeline:
         if q.drop_outliers:
             kept = kept.filter(lambda row: row["id"] not in flagged, **LIGHT)
         rows = self._write(kept, out)
-        return {"rows": rows, "outliers": len(outliers), "review_file": str(review)}
+        return {"rows": rows, "outliers": len(outliers), "review_file": str(review),
+                "filter": f"on (bundle {q.model}, outliers {'dropped' if q.drop_outliers else 'flagged only'})"}
 
     def _stage_masks(self, out: Path) -> dict[str, Any]:
         ds = self._input("masks")

@@ -95,20 +95,21 @@ class HashImages:
 
 
 class EmbedImages:
-    """Image embeddings of the current model (an export bundle, or a registry architecture) for the quality filter."""
+    """Image embeddings of a trained model (an export bundle) for the quality filter.
 
-    def __init__(self, model: str, device: str = "auto") -> None:
+    Only a bundle: a registry architecture would have fresh random weights, and clusters of their embeddings say
+    nothing about content (the pipeline's quality stage passes rows through instead, and says so).
+    """
+
+    def __init__(self, model: str | Path, device: str = "auto") -> None:
         import torch
 
         from ogclip.bundle import load_bundle
-        from ogclip.models import create_model
         from ogclip.transforms import image_mask_transform
 
-        if Path(model).is_dir():
-            self.model, _ = load_bundle(model, device=device)
-        else:
-            torch.manual_seed(0)
-            self.model = create_model(model, device=device).eval()
+        if not Path(model).is_dir():
+            raise ValueError(f"the quality filter embeds with a trained export bundle; {str(model)!r} is not one")
+        self.model, _ = load_bundle(model, device=device)
         self.transform = image_mask_transform(self.model.cfg.preprocess)
         self.torch = torch
 

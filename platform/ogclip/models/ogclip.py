@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from open_clip.hf_model import HFTextEncoder
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg, _build_text_tower, _build_vision_tower
 from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
@@ -87,6 +88,17 @@ def _quiet_transformers() -> Iterator[None]:
     finally:
         hf_logging.set_verbosity(level)
         hf_logging.enable_progress_bar()
+
+
+def ensemble(features: Tensor, owner: Tensor, count: int) -> Tensor:
+    """Average the L2-normalised rows of ``features`` into ``count`` groups by ``owner`` (a group index per row),
+    and L2-normalise each group's mean: a class's embedding from its several prompts."""
+    if owner.shape != features.shape[:1]:
+        raise ValueError(f"owner must give one group per feature row, got {tuple(owner.shape)} for "
+                         f"{features.shape[0]} rows")
+    sums = features.new_zeros(count, features.shape[-1]).index_add(0, owner.to(features.device),
+                                                                   F.normalize(features, dim=-1))
+    return F.normalize(sums, dim=-1)
 
 
 TEXT_CACHE_SIZE = 200_000  # frozen-text outputs kept per model (~0.3 GB at width 384 in fp32)
@@ -247,10 +259,30 @@ class OGCLIP(nn.Module):
         """L2-normalised text embeddings at granularity ``dim`` (default D)."""
         return truncate(self.text_features(text), self.mrl.check_dim(dim))
 
-    def forward(self, image: Tensor, text: TextInput, mask: Tensor | None = None) -> dict[str, Any]:
-        """Full-size normalised embeddings and the (clamped) logit scale, the inputs of :func:`og_clip_loss`."""
-        return {
-            "image_features": self.encode_image(image, mask),
-            "text_features": self.encode_text(text),
-            "logit_scale": self.logit_scale.exp().clamp(max=100.0),
-        }
+    def encode_prompt_ensembles(self, text: TextInput, owner: Tensor, count: int) -> Tensor:
+        """``count`` L2-normalised ensemble embeddings at D: row i averages the normalised embeddings of the prompts
+        whose ``owner`` is i, then normalises again (open_clip's zero-shot classifier). Differentiable, so training
+        can align an image with exactly the vector its class is classified by."""
+        return ensemble(self.encode_text(text), owner, count)
+
+    def forward(self, image: Tensor, text: TextInput, mask: Tensor | None = None,
+                text_owner: Tensor | None = None) -> dict[str, Any]:
+        """Full-size normalised embeddings and the (clamped) logit scale, the inputs of :func:`og_clip_loss`.
+
+        Without ``text_owner`` text i pairs with image i. With it, ``text`` holds several prompts per image and
+        image i pairs with the ensemble of the prompts whose owner is i (:meth:`encode_prompt_ensembles`); owners
+        past the last image make extra ensembles, returned as ``negative_text_features``: texts no image pairs
+        with, which the loss uses as additional negatives (hard negatives).
+        """
+        batch = image.shape[0]
+        out: dict[str, Any] = {"image_features": self.encode_image(image, mask),
+                               "logit_scale": self.logit_scale.exp().clamp(max=100.0)}
+        if text_owner is None:
+            out["text_features"] = self.encode_text(text)
+            return out
+        groups = max(batch, int(text_owner.max()) + 1) if len(text_owner) else batch
+        ensembles = self.encode_prompt_ensembles(text, text_owner, groups)
+        out["text_features"] = ensembles[:batch]
+        if groups > batch:
+            out["negative_text_features"] = ensembles[batch:]
+        return out

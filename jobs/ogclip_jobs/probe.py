@@ -1,0 +1,208 @@
+"""Attribute linear probes: what a bundle's image and text features know about each visual attribute.
+
+Zero-shot works only if the image tower encodes the attributes the class descriptions name (silhouette, colour,
+size, pattern, accent) in a form that carries over to classes it never saw. For each attribute a linear classifier
+(logistic regression on standardised, L2-normalised features) is fitted on features of the training class set's
+classes and scored on the held-out test classes, whose attribute values come in combinations the probe never saw
+together. Image side: renders of each class (``ogclip.synth.render``, deterministic seeds) with their exact masks,
+through the bundle's full-D ``image_features``. Text side: the same probes on each class's prompts (the ones export
+and evaluation embed, :func:`ogclip_kg.prompts.prompt_texts`), projected into the joint space as the classifier
+uses them, and the frozen tower's pooled output before that projection. A text probe far above the image probe
+says the image tower, not the prompts, is what limits zero-shot.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ogclip.bundle import load_bundle
+from ogclip.config import ProbeConfig
+from ogclip.models import OGCLIP
+from ogclip.synth import TargetClass, render, spread_classes
+from ogclip.transforms import image_mask_transform
+from ogclip.zeroshot import class_embeddings
+
+ATTRIBUTES = ("silhouette", "colour", "size", "pattern", "accent")  # the order of TargetClass.look()
+
+
+def attribute_values(target: TargetClass) -> dict[str, str | None]:
+    """A class's value of each attribute; accent is None on plain paint, where the renderer draws no accent (it is
+    invisible there, so it is neither fitted nor scored)."""
+    values: dict[str, str | None] = dict(zip(ATTRIBUTES, target.look(), strict=True))
+    if target.pattern == "plain":
+        values["accent"] = None
+    return values
+
+
+def render_seed(seed: int, key: str, index: int) -> int:
+    """The render seed of a class's ``index``-th probe image: stable across runs, machines and class orders."""
+    return int(hashlib.sha256(f"probe:{seed}:{key}:{index}".encode()).hexdigest()[:15], 16)
+
+
+@torch.no_grad()
+def render_features(model: OGCLIP, targets: Mapping[str, TargetClass], renders: int, size: int, seed: int,
+                    batch_size: int = 256) -> tuple[torch.Tensor, list[str]]:
+    """L2-normalised full-D image features of ``renders`` renders per class with their exact masks, and each
+    row's class key."""
+    transform = image_mask_transform(model.cfg.preprocess)
+    items = [(key, i) for key in targets for i in range(renders)]
+    model.eval()
+    features = []
+    for start in range(0, len(items), batch_size):
+        images, masks = [], []
+        for key, i in items[start:start + batch_size]:
+            sample = render(targets[key], seed=render_seed(seed, key, i), size=size)
+            image, mask = transform(sample.image, sample.mask)
+            images.append(image)
+            masks.append(mask)
+        out = model.image_features(torch.stack(images).to(model.device), torch.stack(masks).to(model.device))
+        features.append(F.normalize(out.float(), dim=-1).cpu())
+    return torch.cat(features), [key for key, _ in items]
+
+
+@torch.no_grad()
+def text_features(model: OGCLIP, prompts: Mapping[str, Sequence[str]], batch_size: int = 256
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per class (rows in ``prompts``' order): the class embedding the classifier uses (projected into the joint
+    space, :func:`ogclip.zeroshot.class_embeddings`) and the mean L2-normalised pooled output of the frozen text
+    tower over the same prompts (what the projection starts from)."""
+    projected = class_embeddings(model, prompts, batch_size).cpu()
+    texts = [text for key in prompts for text in prompts[key]]
+    distinct = list(dict.fromkeys(texts))  # classes share prompts (one per attribute value): encode each once
+    pooled = torch.cat([F.normalize(model._frozen_text(model.tokenize(distinct[i:i + batch_size])).float(), dim=-1)
+                        .cpu() for i in range(0, len(distinct), batch_size)])
+    where = {text: i for i, text in enumerate(distinct)}
+    owners = torch.tensor([row for row, key in enumerate(prompts) for _ in prompts[key]])
+    sums = torch.zeros(len(prompts), pooled.shape[-1]).index_add_(0, owners, pooled[[where[t] for t in texts]])
+    return projected, F.normalize(sums, dim=-1)
+
+
+def probe_accuracy(train_x: np.ndarray, train_y: Sequence[str | None], test_x: np.ndarray,
+                   test_y: Sequence[str | None], regularisation: float = 0.1) -> dict[str, Any]:
+    """Fit a linear classifier on (train_x, train_y) and score it on (test_x, test_y); rows labelled None are left
+    out of both. Also the majority baseline: always answering the training set's commonest value."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
+
+    fit = [i for i, y in enumerate(train_y) if y is not None]
+    score = [i for i, y in enumerate(test_y) if y is not None]
+    y_fit, y_score = np.asarray([train_y[i] for i in fit]), np.asarray([test_y[i] for i in score])
+    if not len(fit) or not len(score):
+        raise ValueError("a probe needs labelled rows on both sides")
+    majority = Counter(y_fit.tolist()).most_common(1)[0][0]
+    if len(set(y_fit.tolist())) < 2:  # one value only: the best linear answer is that value
+        predictions = np.full(len(score), majority)
+    else:
+        # A loose tolerance: the probe's figure is a held-out accuracy, settled long before the loss is.
+        classifier = make_pipeline(StandardScaler(), LogisticRegression(C=regularisation, max_iter=300, tol=1e-3))
+        # One BLAS/OpenMP thread: these matrices are tiny, and beside torch's thread pools on a small machine the
+        # multi-threaded solver spent ~60x longer waiting than computing (75 s against 1 s on 2 cores).
+        with threadpool_limits(limits=1):
+            classifier.fit(train_x[fit], y_fit)
+            predictions = classifier.predict(test_x[score])
+    return {"accuracy": float(np.mean(predictions == y_score)), "majority": float(np.mean(y_score == majority)),
+            "fitted_on": len(fit), "scored_on": len(score), "values": sorted(set(y_fit.tolist()))}
+
+
+def probe_all(train_x: np.ndarray, train_targets: Sequence[TargetClass], test_x: np.ndarray,
+              test_targets: Sequence[TargetClass], regularisation: float = 0.1) -> dict[str, dict[str, Any]]:
+    """:func:`probe_accuracy` for every attribute; row i of each matrix belongs to target i of its list."""
+    train_values = [attribute_values(t) for t in train_targets]
+    test_values = [attribute_values(t) for t in test_targets]
+    return {name: probe_accuracy(train_x, [v[name] for v in train_values], test_x, [v[name] for v in test_values],
+                                 regularisation) for name in ATTRIBUTES}
+
+
+def probe_markdown(name: str, result: dict[str, Any]) -> str:
+    """The probe table (one row per feature kind, one column per attribute) and how it was made."""
+    rows = result["rows"]
+    header = "| attribute | " + " | ".join(ATTRIBUTES) + " |"
+    lines = [header, "|" + "---|" * (len(ATTRIBUTES) + 1)]
+    for label, scores in rows.items():
+        lines.append(f"| {label} | " + " | ".join(f"{100 * scores[a]:.0f}%" for a in ATTRIBUTES) + " |")
+    counts = result["counts"]
+    return (f"# Attribute linear probes: {name}\n\n"
+            f"Logistic regression per attribute, fitted on {counts['train_classes']} training classes and scored on "
+            f"{counts['test_classes']} held-out test classes. Image features: {counts['renders_per_class']} renders "
+            f"per class with exact masks ({counts['train_images']} + {counts['test_images']} images). Text "
+            "features: each class's prompts, averaged. Accent only where the paint is not plain. Majority: always "
+            "the commonest training value.\n\n" + "\n".join(lines) + "\n")
+
+
+def run_probe(cfg: ProbeConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """``ogclip eval probe``: load the bundle, probe its image and text features, write ``probe.{md,json}``."""
+    from ogclip_jobs.evaluate import class_set_rows
+    from ogclip_jobs.runtime import open_graph
+    from ogclip_kg.prompts import prompt_texts
+
+    started = time.perf_counter()
+    phases: dict[str, float] = {}
+
+    def lap(name: str) -> None:
+        phases[name] = round(time.perf_counter() - started - sum(phases.values()), 1)
+
+    model, info = load_bundle(cfg.bundle)
+    with open_graph() as store:
+        train_rows = {r["key"]: r for r in class_set_rows(store, cfg.train_class_set)}
+        test_rows = class_set_rows(store, cfg.test_class_set)
+    every_train = {key: TargetClass.from_facts(row) for key, row in train_rows.items()}
+    train_keys = spread_classes(every_train, cfg.train_classes, cfg.seed)
+    train_targets = {key: every_train[key] for key in train_keys}
+    test_targets = {row["key"]: TargetClass.from_facts(row) for row in test_rows}
+    lap("bundle_and_classes")
+
+    train_images, train_owner = render_features(model, train_targets, cfg.renders_per_class, cfg.image_size,
+                                                cfg.seed, cfg.batch_size)
+    test_images, test_owner = render_features(model, test_targets, cfg.renders_per_class, cfg.image_size,
+                                              cfg.seed + 1, cfg.batch_size)
+    lap("render_and_encode")
+    image = probe_all(train_images.numpy(), [train_targets[k] for k in train_owner], test_images.numpy(),
+                      [test_targets[k] for k in test_owner], cfg.regularisation)
+    lap("image_probes")
+
+    def prompts(rows: Sequence[dict[str, Any]]) -> dict[str, list[str]]:
+        return {row["key"]: prompt_texts(dict(row), "kg", cfg.prompt_seed) for row in rows}
+
+    train_text, train_pooled = text_features(model, prompts([train_rows[k] for k in train_keys]), cfg.batch_size)
+    test_text, test_pooled = text_features(model, prompts(test_rows), cfg.batch_size)
+    lap("text_features")
+    train_list, test_list = list(train_targets.values()), list(test_targets.values())
+    text = probe_all(train_text.numpy(), train_list, test_text.numpy(), test_list, cfg.regularisation)
+    pooled = probe_all(train_pooled.numpy(), train_list, test_pooled.numpy(), test_list, cfg.regularisation)
+    lap("text_probes")
+
+    dim, width = train_images.shape[-1], train_pooled.shape[-1]
+    result = {
+        "model_version": info.model_version, "bundle": str(cfg.bundle),
+        "rows": {f"image features (D={dim})": {a: image[a]["accuracy"] for a in ATTRIBUTES},
+                 f"text features (projected, D={train_text.shape[-1]})": {a: text[a]["accuracy"] for a in ATTRIBUTES},
+                 f"frozen text tower (pooled, {width})": {a: pooled[a]["accuracy"] for a in ATTRIBUTES},
+                 "majority value (renders)": {a: image[a]["majority"] for a in ATTRIBUTES}},
+        "image": image, "text": text, "text_pooled": pooled,
+        "counts": {"train_classes": len(train_keys), "test_classes": len(test_targets),
+                   "renders_per_class": cfg.renders_per_class, "train_images": len(train_owner),
+                   "test_images": len(test_owner)},
+        "config": cfg.model_dump(mode="json"),
+    }
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    result["phase_seconds"] = phases
+    cfg.output_dir.mkdir(parents=True, exist_ok=True)
+    markdown = probe_markdown(info.model_version, result)
+    (cfg.output_dir / "probe.json").write_text(json.dumps(result, indent=2))
+    (cfg.output_dir / "probe.md").write_text(markdown)
+    for line in markdown.splitlines():
+        if line.startswith("|"):  # the table, a line at a time (callers may indent each)
+            log(line)
+    log(f"attribute probes in {result['seconds']:.0f}s; {cfg.output_dir / 'probe.md'}")
+    return result
