@@ -85,3 +85,17 @@ def graph(request: pytest.FixtureRequest):
     store.seed_summary = seed_graph(store)
     yield store
     store.close()
+
+
+@pytest.fixture
+def job_settings(kg_settings, monkeypatch: pytest.MonkeyPatch):
+    """Point the jobs' settings (read from the environment) at the test session's graph server."""
+    from ogclip.settings import get_settings
+
+    for name, value in {"OGCLIP_HOME": kg_settings.home, "OGCLIP_KG_BOLT_PORT": kg_settings.kg_bolt_port,
+                        "OGCLIP_KG_HTTP_PORT": kg_settings.kg_http_port}.items():
+        monkeypatch.setenv(name, str(value))
+    monkeypatch.delenv("OGCLIP_NEO4J_URI", raising=False)
+    get_settings.cache_clear()
+    yield kg_settings
+    get_settings.cache_clear()

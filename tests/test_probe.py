@@ -116,20 +116,6 @@ def test_text_features_are_the_class_embeddings_and_the_frozen_pooled_output(mod
     assert torch.allclose(pooled[0], mean, atol=1e-5)
 
 
-@pytest.fixture
-def job_settings(kg_settings, monkeypatch: pytest.MonkeyPatch):
-    """Point the jobs' settings (read from the environment) at the test session's graph server."""
-    from ogclip.settings import get_settings
-
-    for name, value in {"OGCLIP_HOME": kg_settings.home, "OGCLIP_KG_BOLT_PORT": kg_settings.kg_bolt_port,
-                        "OGCLIP_KG_HTTP_PORT": kg_settings.kg_http_port}.items():
-        monkeypatch.setenv(name, str(value))
-    monkeypatch.delenv("OGCLIP_NEO4J_URI", raising=False)
-    get_settings.cache_clear()
-    yield kg_settings
-    get_settings.cache_clear()
-
-
 def test_probe_command_writes_its_table(tmp_path: Path, model, graph, job_settings, capsys) -> None:
     from ogclip.bundle import export_bundle
     from ogclip_jobs.cli import main
