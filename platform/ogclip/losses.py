@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from ogclip.models.mrl import MatryoshkaHead
+from ogclip.models.mrl import MatryoshkaHead, contrastive_target
 
 
 def contrastive_loss(image: Tensor, text: Tensor, logit_scale: Tensor, labels: Tensor | None = None,
@@ -23,11 +23,7 @@ def contrastive_loss(image: Tensor, text: Tensor, logit_scale: Tensor, labels: T
     they have no image of their own to be the target of.
     """
     logits = logit_scale * image @ text.T
-    if labels is None:
-        target = torch.eye(logits.shape[0], dtype=logits.dtype, device=logits.device)
-    else:
-        same = (labels[:, None] == labels[None, :]).to(logits.dtype)
-        target = same / same.sum(dim=1, keepdim=True)
+    target = contrastive_target(logits.shape[0], labels, logits.device).to(logits.dtype)
     text_to_image = F.cross_entropy(logits.T, target)
     if negatives is not None and len(negatives):
         logits = torch.cat([logits, logit_scale * image @ negatives.T], dim=1)
