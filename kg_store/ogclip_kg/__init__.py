@@ -1,5 +1,5 @@
 """Knowledge graph of target types over Bolt: schema, Cypher, store, embedded server, seeds, prompts, checks."""
 
-from ogclip_kg.store import GraphConnectionError, GraphError, GraphStore, ReadOnlyViolation
+from ogclip_kg.store import GraphConnectionError, GraphError, GraphStore, QueryTimeout, ReadOnlyViolation
 
-__all__ = ["GraphConnectionError", "GraphError", "GraphStore", "ReadOnlyViolation"]
+__all__ = ["GraphConnectionError", "GraphError", "GraphStore", "QueryTimeout", "ReadOnlyViolation"]

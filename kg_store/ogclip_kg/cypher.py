@@ -3,7 +3,7 @@
 Values always travel as parameters; nothing a user or a data source supplies is spliced into query text. The
 schema's labels and relationship types are the allow-lists below: code that needs a label or type chosen at run
 time (JSON-lines import) must take it from them. Analysts' free-form queries go through
-:func:`read_only_violation` and run in a transaction that is always rolled back.
+:func:`read_only_violation` and run as the read-only analyst account, in a transaction that is always rolled back.
 """
 
 from __future__ import annotations
@@ -163,38 +163,103 @@ WHERE a.unit IS NOT NULL AND (toFloat(h.value) IS NULL OR toFloat(h.value) < 0)
 RETURN t.key AS target, a.key AS attribute, h.value AS value ORDER BY target"""
 
 # -- analysts' queries ------------------------------------------------------------------------------------------
+#
+# The server keeps analysts read-only (their own account; see ogclip_kg.server). This text check is a second layer in
+# front of it: it refuses what the account may still do but an analyst must not (SHOW TRANSACTIONS, TERMINATE,
+# procedures, sleeping functions) and writes before they reach the server. It reads the query the way the server's
+# lexer does, and where the two could differ it errs towards seeing more code: a `//` comment ends at any line break
+# Python knows (\r, \n, \u2028, \u2029, ...), a `/*` comment at the first `*/`, a string at its first unescaped
+# quote, and words are ASCII only, so an unusual character splits a word rather than joining two.
 
-_WRITE_WORDS = ("CREATE", "MERGE", "SET", "DELETE", "DETACH", "REMOVE", "DROP", "LOAD", "FOREACH", "ALTER", "GRANT",
-                "DENY", "REVOKE", "RENAME", "TERMINATE", "START", "STOP", "USE")
-# Procedures an analyst may CALL: read-only catalogue procedures both servers provide.
+# Words that begin a write, a schema or administration command, or work outside the query's own transaction.
+REFUSED_WORDS = frozenset({
+    "CREATE", "MERGE", "SET", "DELETE", "DETACH", "NODETACH", "REMOVE", "FOREACH", "INSERT", "LOAD", "DROP", "ALTER",
+    "RENAME", "GRANT", "DENY", "REVOKE", "TERMINATE", "START", "STOP", "ENABLE", "USE", "SESSION", "TRANSACTION",
+    "TRANSACTIONS", "COMMIT", "ROLLBACK",
+})
+# Procedures an analyst may CALL: read-only catalogue procedures both servers provide (compared in lower case).
 READ_PROCEDURES = ("db.labels", "db.relationshipTypes", "db.propertyKeys", "db.schema.visualization")
+# Namespaces of functions an analyst may call (`date.truncate`, `vector.similarity.cosine`, ...); names without a
+# namespace are Cypher's own. Not util (util.sleep), apoc, do, create, cypher, db or any other.
+FUNCTION_NAMESPACES = frozenset({
+    "agg", "coll", "convert", "date", "datetime", "duration", "geo", "localdatetime", "localtime", "map", "math",
+    "node", "number", "path", "point", "rel", "string", "temporal", "text", "time", "vector",
+})
+SHOWABLE = frozenset({"INDEX", "INDEXES", "CONSTRAINT", "CONSTRAINTS"})
 
-_STRIP = re.compile(
-    r"""//[^\n]*|/\*.*?\*/|'(?:\\.|[^'\\])*'|"(?:\\.|[^"\\])*"|`(?:``|[^`])*`""",
-    re.DOTALL,
-)
+_TOKEN = re.compile(r"""
+    (?P<space>\s+)
+  | (?P<comment>//[^\n\r\v\f\x1c-\x1e\x85\u2028\u2029]*|/\*.*?\*/)
+  | (?P<string>'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")
+  | (?P<quoted>`(?:[^`]|``)*`)
+  | (?P<name>[A-Za-z_][A-Za-z0-9_]*)
+  | (?P<number>[0-9]+)
+  | (?P<unterminated>/\*|['"`])
+  | (?P<symbol>.)
+""", re.VERBOSE | re.DOTALL)
+
+
+def tokens(query: str) -> list[tuple[str, str]]:
+    """``query`` as (kind, text) tokens, spaces and comments left out. Kinds: name, quoted (a backticked name, given
+    without its backticks), string, number, unterminated (the start of a string, quoted name or comment that never
+    ends) and symbol (any other single character)."""
+    out = []
+    for match in _TOKEN.finditer(query):
+        kind, text = match.lastgroup, match.group()
+        if kind == "quoted":
+            out.append((kind, text[1:-1].replace("``", "`")))
+        elif kind not in ("space", "comment"):
+            out.append((kind, text))
+    return out
+
+
+def _dotted_name(toks: list[tuple[str, str]], i: int) -> tuple[str, int]:
+    """The name ``a.b.c`` that starts at token ``i`` (names, backticked or not, joined by dots) and the index after
+    it."""
+    parts = [toks[i][1]]
+    i += 1
+    while i + 1 < len(toks) and toks[i] == ("symbol", ".") and toks[i + 1][0] in ("name", "quoted"):
+        parts.append(toks[i + 1][1])
+        i += 2
+    return ".".join(parts), i
 
 
 def read_only_violation(query: str) -> str | None:
-    """Why ``query`` is not a read-only query, or None when it is.
+    """Why ``query`` may not run as an analyst's query, or None when it may.
 
-    Comments, string literals and quoted identifiers are blanked first so that words inside them do not count;
-    then any write clause, administration command or procedure call outside :data:`READ_PROCEDURES` is refused.
-    This is the first of two guards: the query also runs in a transaction that is rolled back, never committed.
+    Refused: write clauses (GQL INSERT included), schema and administration commands, LOAD CSV, USE, CALL ... IN
+    TRANSACTIONS, SHOW other than SHOW INDEXES/CONSTRAINTS, procedures outside :data:`READ_PROCEDURES` (a backticked
+    name is still that name), namespaced functions outside :data:`FUNCTION_NAMESPACES`, more than one statement, and
+    an unterminated string, quoted name or comment. A word is a keyword only where the server reads one: not inside
+    a string, a comment or backticks, nor right after `.`, `:` or `$` (a property key, label or parameter).
     """
-    if not query.strip():
+    toks = tokens(query)
+    if not toks:
         return "empty query"
-    code = _STRIP.sub(" ", query)
-    words = re.findall(r"[A-Za-z_][A-Za-z0-9_.]*", code)
-    upper = [w.upper() for w in words]
-    for word in _WRITE_WORDS:
-        if word in upper:
+    allowed = {name.lower() for name in READ_PROCEDURES}
+    for i, (kind, text) in enumerate(toks):
+        if kind == "unterminated":
+            return f"an unterminated {'comment' if text == '/*' else 'string or quoted name'}"
+        if (kind, text) == ("symbol", ";") and i + 1 < len(toks):
+            return "one statement at a time"
+        before = toks[i - 1] if i else ("", "")
+        if kind not in ("name", "quoted") or before in (("symbol", "."), ("symbol", ":"), ("symbol", "$")):
+            continue
+        word = text.upper() if kind == "name" else ""
+        after = toks[i + 1] if i + 1 < len(toks) else ("", "")
+        if word in REFUSED_WORDS:
             return f"{word} is not allowed in a read-only query"
-    for i, word in enumerate(upper):
-        if word == "CALL":
-            target = words[i + 1] if i + 1 < len(words) else ""
-            if target not in READ_PROCEDURES:
-                return f"CALL {target or '{…}'} is not allowed; read-only procedures: {', '.join(READ_PROCEDURES)}"
-    if ";" in code.strip().rstrip(";"):
-        return "one statement at a time"
+        if word == "SHOW" and (after[0] != "name" or after[1].upper() not in SHOWABLE):
+            return "SHOW is allowed for SHOW INDEXES and SHOW CONSTRAINTS only"
+        if word == "CALL" and after[0] in ("name", "quoted"):
+            procedure, _ = _dotted_name(toks, i + 1)
+            if procedure.lower() not in allowed:
+                return f"CALL {procedure} is not allowed; read-only procedures: {', '.join(READ_PROCEDURES)}"
+        # A dotted name followed by `(` is a namespaced function, unless CALL made it the procedure checked above.
+        name, end = _dotted_name(toks, i)
+        called = before[0] == "name" and before[1].upper() == "CALL"
+        function = "." in name and toks[end:end + 1] == [("symbol", "(")] and not called
+        if function and name.split(".")[0].lower() not in FUNCTION_NAMESPACES:
+            namespaces = ", ".join(sorted(FUNCTION_NAMESPACES))
+            return f"the function {name} is not allowed; allowed namespaces: {namespaces}"
     return None

@@ -4,6 +4,15 @@
 ``Settings.kg_dir``, requires a password (generated once and kept in ``credentials.json``, mode 0600, unless
 ``OGCLIP_NEO4J_PASSWORD`` is set) and stops cleanly on SIGTERM; ``down`` sends that signal and waits; ``status``
 reports. Clients reach it over Bolt with the official neo4j driver, exactly as they reach Neo4j.
+
+Two accounts: ``root`` for the platform, and ``analyst`` for people's Cypher (its own generated password, kept in
+``analyst-credentials.json``, mode 0600, unless ``OGCLIP_NEO4J_ANALYST_PASSWORD`` is set). Each start (re)writes the
+analyst's server group, so that the server itself keeps analysts read-only: records of every type may be read, none
+created, updated or deleted; no schema, security or database-settings changes (so no new labels or relationship
+types, indexes, constraints or users, no SHOW USERS, no LOAD CSV from local files); a scan of a type stops after
+``kg_query_max_rows`` records and after ``kg_query_timeout_s``. A watchdog in this process terminates any analyst
+query still running after ``kg_query_timeout_s`` (ArcadeDB's own readTimeout bounds type scans only); the platform's
+statements, as root, are not bounded.
 """
 
 from __future__ import annotations
@@ -23,7 +32,10 @@ from ogclip import daemon
 from ogclip.settings import Settings
 
 EMBEDDED_USER = "root"  # ArcadeDB's administrator; its password is ours to set
+ANALYST_USER = "analyst"  # people's Cypher runs as this user, in the group of the same name
 PID_FILE, LOG_FILE, CREDENTIALS_FILE = "server.pid", "server.log", "credentials.json"
+ANALYST_CREDENTIALS_FILE = "analyst-credentials.json"
+TIME_LIMIT = "the analyst time limit"  # how a terminated query names who stopped it
 
 
 class EmbeddedServerError(RuntimeError):
@@ -46,19 +58,31 @@ def bolt_uri(settings: Settings) -> str:
     return f"bolt://{settings.kg_host}:{settings.kg_bolt_port}"
 
 
-def embedded_password(settings: Settings) -> str:
-    """The embedded server's password: the configured one, else one generated on first use and kept on disk."""
-    if settings.neo4j_password is not None:
-        return settings.neo4j_password.get_secret_value()
-    path = settings.kg_dir / CREDENTIALS_FILE
+def _kept_password(settings: Settings, file_name: str, user: str) -> str:
+    """The password kept in ``kg_dir/file_name``, generated and written (mode 0600) on first use."""
+    path = settings.kg_dir / file_name
     if path.exists():
         return json.loads(path.read_text())["password"]
     settings.kg_dir.mkdir(parents=True, exist_ok=True)
     password = secrets.token_urlsafe(24)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as handle:
-        json.dump({"user": EMBEDDED_USER, "password": password}, handle)
+        json.dump({"user": user, "password": password}, handle)
     return password
+
+
+def embedded_password(settings: Settings) -> str:
+    """The embedded server's password: the configured one, else one generated on first use and kept on disk."""
+    if settings.neo4j_password is not None:
+        return settings.neo4j_password.get_secret_value()
+    return _kept_password(settings, CREDENTIALS_FILE, EMBEDDED_USER)
+
+
+def analyst_password(settings: Settings) -> str:
+    """The embedded analyst's password: the configured one, else one generated on first use and kept on disk."""
+    if settings.neo4j_analyst_password is not None:
+        return settings.neo4j_analyst_password.get_secret_value()
+    return _kept_password(settings, ANALYST_CREDENTIALS_FILE, ANALYST_USER)
 
 
 def _pid(settings: Settings) -> int | None:
@@ -87,12 +111,14 @@ def up(settings: Settings, timeout: float = 120.0) -> ServerStatus:
     if _port_open(settings.kg_host, settings.kg_bolt_port):
         raise EmbeddedServerError(f"port {settings.kg_bolt_port} on {settings.kg_host} is taken by another process")
     settings.kg_dir.mkdir(parents=True, exist_ok=True)
-    password = embedded_password(settings)
-    env = {**os.environ, "OGCLIP_KG_PASSWORD": password}
+    env = {**os.environ, "OGCLIP_KG_PASSWORD": embedded_password(settings),
+           "OGCLIP_KG_ANALYST_PASSWORD": analyst_password(settings)}
     data_dir = settings.kg_dir.resolve()
     command = [sys.executable, "-m", "ogclip_kg.server", "--data-dir", str(data_dir), "--host",
                settings.kg_host, "--bolt-port", str(settings.kg_bolt_port), "--http-port",
-               str(settings.kg_http_port), "--database", settings.neo4j_database, "--heap", settings.kg_heap]
+               str(settings.kg_http_port), "--database", settings.neo4j_database, "--heap", settings.kg_heap,
+               "--query-timeout-ms", str(round(settings.kg_query_timeout_s * 1000)),
+               "--max-rows", str(settings.kg_query_max_rows)]
     def ready(pid: int) -> ServerStatus | None:
         if daemon.is_ours(settings.kg_dir / PID_FILE, pid) and _port_open(settings.kg_host, settings.kg_bolt_port):
             return status(settings)
@@ -110,13 +136,72 @@ def down(settings: Settings, timeout: float = 60.0) -> ServerStatus:
     return status(settings)
 
 
+def analyst_group(timeout_ms: int, max_rows: int) -> dict:
+    """The analyst's server group: read records of every type, nothing else; scans bounded in rows and time.
+
+    No database-level access (``updateSchema``, ``updateSecurity``, ``updateDatabaseSettings``): ArcadeDB then refuses
+    new types (a label or relationship type, even in a transaction that is rolled back), indexes, constraints, user
+    administration, SHOW USERS and LOAD CSV from local files. ``readRecord`` alone on ``*`` refuses every record
+    create, update and delete, on every type present and future.
+    """
+    return {"access": [], "resultSetLimit": max_rows, "readTimeout": timeout_ms,
+            "types": {"*": {"access": ["readRecord"]}}}
+
+
+def _grant_analyst(server, database: str, password: str, timeout_ms: int, max_rows: int) -> None:
+    """Create or reset the analyst user and its group for ``database`` (and only it), on every start."""
+    import jpype
+
+    json_object = jpype.JClass("com.arcadedb.serializer.json.JSONObject")
+    # ArcadeDB's server security (users and groups, kept in config/server-users.jsonl and server-groups.json, mode
+    # 0600); the Python wrapper has no API for it, so it is reached through the Java server it wraps.
+    security = server._java_server.getSecurity()
+    security.saveGroup(database, ANALYST_USER, json_object(json.dumps(analyst_group(timeout_ms, max_rows))))
+    user = json_object(json.dumps({"name": ANALYST_USER, "password": str(security.encodePassword(password)),
+                                   "databases": {database: [ANALYST_USER]}}))
+    if security.existsUser(ANALYST_USER):
+        security.updateUser(user)
+    else:
+        security.createUser(user)
+
+
+def _forbid_load_csv() -> None:
+    """No LOAD CSV from local files or URLs, for anyone: the platform never uses it. Set before the server starts so
+    every database it opens has it (the analyst group alone already refuses local files)."""
+    import jpype
+
+    config = jpype.JClass("com.arcadedb.GlobalConfiguration")
+    config.OPENCYPHER_LOAD_CSV_ALLOW_FILE_URLS.setValue(False)
+    config.OPENCYPHER_LOAD_CSV_ALLOW_REMOTE_URLS.setValue(False)
+
+
+def _watch_analysts(server, timeout_ms: int, stop: threading.Event, every: float = 0.2) -> None:
+    """Terminate every analyst query that has run longer than ``timeout_ms``, until ``stop`` is set.
+
+    ArcadeDB keeps a registry of the queries it runs, with their user and age, and a terminated query stops at the
+    next check inside its scan, expansion, filter, UNWIND or streaming loop, whether or not its client still waits.
+    That bounds what readTimeout does not (a product built with UNWIND, a long stream of rows) for the analyst only.
+    """
+    running = server._java_server.getRunningQueries()
+    while not stop.wait(every):
+        try:
+            for query in running.getRunning():
+                overdue = query.getElapsedMillis() > timeout_ms and not query.isTerminated()
+                if overdue and str(query.getUser()) == ANALYST_USER:
+                    query.terminate(TIME_LIMIT)
+        except Exception as exc:  # a query that ends while it is looked at; the watch must go on
+            print(f"analyst watchdog: {exc}", flush=True)
+
+
 def _serve(args: argparse.Namespace) -> None:
     """Run the server in this process until SIGTERM or SIGINT."""
     import arcadedb_embedded as arcadedb
 
     password = os.environ.pop("OGCLIP_KG_PASSWORD", "")
-    if len(password) < 8:
-        raise SystemExit("OGCLIP_KG_PASSWORD must hold the server password (8 characters or more)")
+    analyst = os.environ.pop("OGCLIP_KG_ANALYST_PASSWORD", "")
+    if len(password) < 8 or len(analyst) < 8:
+        raise SystemExit("OGCLIP_KG_PASSWORD and OGCLIP_KG_ANALYST_PASSWORD must hold the server's passwords "
+                         "(8 characters or more)")
     data_dir = Path(args.data_dir).resolve()
     server = arcadedb.ArcadeDBServer(
         root_path=str(data_dir / "databases"),
@@ -129,6 +214,7 @@ def _serve(args: argparse.Namespace) -> None:
         },
         jvm_kwargs={"heap_size": args.heap},
     )
+    _forbid_load_csv()
     server.start()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -136,6 +222,9 @@ def _serve(args: argparse.Namespace) -> None:
     try:
         if not (data_dir / "databases" / args.database).exists():
             server.create_database(args.database)
+        _grant_analyst(server, args.database, analyst, args.query_timeout_ms, args.max_rows)
+        threading.Thread(target=_watch_analysts, args=(server, args.query_timeout_ms, stop), daemon=True,
+                         name="analyst-watchdog").start()
         (data_dir / PID_FILE).write_text(str(os.getpid()))
         print(f"graph server ready: bolt://{args.host}:{args.bolt_port} database {args.database}", flush=True)
         stop.wait()
@@ -153,6 +242,8 @@ def main() -> None:
     parser.add_argument("--http-port", type=int, required=True)
     parser.add_argument("--database", required=True)
     parser.add_argument("--heap", default="1g")
+    parser.add_argument("--query-timeout-ms", type=int, default=30_000)
+    parser.add_argument("--max-rows", type=int, default=100_000)
     _serve(parser.parse_args())
     # Stopped and cleaned up. A client still connected over Bolt holds a non-daemon JVM thread that would keep this
     # process alive, deaf, after its pid file is gone: end it here.

@@ -1,8 +1,10 @@
 """The graph store: the official neo4j driver over Bolt, to Neo4j 5 or to the embedded ArcadeDB server.
 
 One code path for both servers. Writes go through named, parameterised statements (:mod:`ogclip_kg.cypher`) in
-batches; analysts' queries run in a transaction that is always rolled back, after a lexical check that refuses
-writes, because ArcadeDB commits writes even in a session opened in READ access mode.
+batches. Analysts' queries run as a separate, read-only account whose permissions the server enforces (on the
+embedded server the ``analyst`` user of :mod:`ogclip_kg.server`; on Neo4j the configured analyst user, in a READ
+access-mode session), with a server-side time limit, after a text check that refuses writes, administration and
+procedures, and in a transaction that is always rolled back.
 """
 
 from __future__ import annotations
@@ -15,11 +17,11 @@ from typing import Any
 
 import neo4j
 from neo4j import GraphDatabase
-from neo4j.exceptions import AuthError, ClientError, Neo4jError, ServiceUnavailable
+from neo4j.exceptions import AuthError, Forbidden, Neo4jError, ServiceUnavailable
 
 from ogclip.settings import Settings
 from ogclip_kg import cypher
-from ogclip_kg.server import EMBEDDED_USER, bolt_uri, embedded_password
+from ogclip_kg.server import ANALYST_USER, EMBEDDED_USER, TIME_LIMIT, analyst_password, bolt_uri, embedded_password
 from ogclip_kg.server import status as embedded_status
 
 DEFAULT_BATCH = 2000
@@ -34,7 +36,18 @@ class GraphConnectionError(GraphError):
 
 
 class ReadOnlyViolation(GraphError):
-    """An analyst query tried to write or administer the graph."""
+    """An analyst query tried to write or administer the graph (refused by the text check or by the server)."""
+
+
+class QueryTimeout(GraphError):
+    """The server stopped an analyst query at its time limit."""
+
+
+def _timed_out(exc: Neo4jError) -> bool:
+    """Whether the server ended the query for time: Neo4j's transaction timeout, the analyst group's read timeout
+    ("Timeout on iteration") or the embedded server's watchdog."""
+    text = f"{exc.code or ''} {exc.message or ''}"
+    return "TimedOut" in text or "timeout" in text.lower() or TIME_LIMIT in text
 
 
 def _batches(rows: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
@@ -51,32 +64,52 @@ def _batches(rows: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[st
 class GraphStore:
     """A connection to one graph database. Use as a context manager or call :meth:`close`."""
 
-    def __init__(self, uri: str, user: str, password: str, database: str) -> None:
+    def __init__(self, uri: str, user: str, password: str, database: str,
+                 analyst: tuple[str, str] | None = None, query_timeout_s: float = 30.0) -> None:
+        """``analyst`` is the (user, password) that :meth:`analyst_query` runs as; None runs it as ``user``, which is
+        read-only only where the server enforces READ access mode (Neo4j does, ArcadeDB does not)."""
         self.uri, self.user, self.database = uri, user, database
-        self._driver = GraphDatabase.driver(uri, auth=(user, password), connection_timeout=10.0)
+        self.query_timeout_s = query_timeout_s
+        self._analyst_auth = analyst
+        self._analyst_driver: neo4j.Driver | None = None
+        self._driver = self._connect(user, password)
+
+    def _connect(self, user: str, password: str) -> neo4j.Driver:
+        driver = GraphDatabase.driver(self.uri, auth=(user, password), connection_timeout=10.0)
         try:
-            self._driver.verify_connectivity()
+            driver.verify_connectivity()
         except AuthError as exc:
-            self._driver.close()
-            raise GraphConnectionError(f"authentication failed for user {user!r} at {uri}") from exc
+            driver.close()
+            raise GraphConnectionError(f"authentication failed for user {user!r} at {self.uri}") from exc
         except (ServiceUnavailable, OSError) as exc:
-            self._driver.close()
-            raise GraphConnectionError(f"no graph server answers at {uri} ({exc})") from exc
+            driver.close()
+            raise GraphConnectionError(f"no graph server answers at {self.uri} ({exc})") from exc
+        return driver
 
     @classmethod
     def from_settings(cls, settings: Settings) -> GraphStore:
         """Neo4j when ``OGCLIP_NEO4J_URI`` is set, else the embedded server (which must be up: ``ogclip kg up``)."""
+        timeout = settings.kg_query_timeout_s
         if settings.neo4j_uri:
             if settings.neo4j_password is None:
                 raise GraphConnectionError("OGCLIP_NEO4J_PASSWORD must be set with OGCLIP_NEO4J_URI")
+            analyst = None
+            if settings.neo4j_analyst_user:
+                if settings.neo4j_analyst_password is None:
+                    raise GraphConnectionError("OGCLIP_NEO4J_ANALYST_PASSWORD must be set with "
+                                               "OGCLIP_NEO4J_ANALYST_USER")
+                analyst = (settings.neo4j_analyst_user, settings.neo4j_analyst_password.get_secret_value())
             password = settings.neo4j_password.get_secret_value()
-            return cls(settings.neo4j_uri, settings.neo4j_user, password, settings.neo4j_database)
+            return cls(settings.neo4j_uri, settings.neo4j_user, password, settings.neo4j_database, analyst, timeout)
         if not embedded_status(settings).running:
             raise GraphConnectionError(f"the embedded graph server is not running at {bolt_uri(settings)}; "
                                        "start it with `ogclip kg up`")
-        return cls(bolt_uri(settings), EMBEDDED_USER, embedded_password(settings), settings.neo4j_database)
+        return cls(bolt_uri(settings), EMBEDDED_USER, embedded_password(settings), settings.neo4j_database,
+                   (ANALYST_USER, analyst_password(settings)), timeout)
 
     def close(self) -> None:
+        if self._analyst_driver is not None:
+            self._analyst_driver.close()
         self._driver.close()
 
     def __enter__(self) -> GraphStore:
@@ -156,31 +189,43 @@ class GraphStore:
     # -- analysts ----------------------------------------------------------------------------------------------
 
     def analyst_query(self, query: str, params: dict[str, Any] | None = None, limit: int = 1000) -> list[dict]:
-        """Run a free-form read-only query and return at most ``limit`` rows.
+        """Run a person's Cypher, read-only, and return at most ``limit`` rows.
 
-        Refused before it reaches the server if it contains a write clause, an administration command or a
-        procedure call outside the read-only allow-list; then run in an explicit transaction that is rolled back,
-        so nothing it might still do can be committed (on Neo4j the session is also in READ access mode).
+        The one way the platform runs Cypher it did not write. Refused here when :func:`cypher.read_only_violation`
+        finds a reason; otherwise run as the analyst account (whose permissions the server enforces) in a READ
+        access-mode transaction with the server-side timeout, read up to ``limit`` rows and rolled back. A refusal by
+        the server raises :class:`ReadOnlyViolation` too; the server's time limit, :class:`QueryTimeout`.
         """
         reason = cypher.read_only_violation(query)
         if reason:
             raise ReadOnlyViolation(f"refused: {reason}")
+        if self._analyst_driver is None:
+            try:
+                self._analyst_driver = self._connect(*self._analyst_auth) if self._analyst_auth else self._driver
+            except GraphConnectionError as exc:
+                if self._analyst_auth[0] != ANALYST_USER:
+                    raise
+                raise GraphConnectionError(f"{exc} (an embedded server started before it had an analyst account "
+                                           "needs a restart: `ogclip kg down`, then `ogclip kg up`)") from exc
         try:
-            with self._driver.session(database=self.database, default_access_mode=neo4j.READ_ACCESS) as session:
-                tx = session.begin_transaction()
+            with self._analyst_driver.session(database=self.database,
+                                              default_access_mode=neo4j.READ_ACCESS) as session:
+                tx = session.begin_transaction(timeout=self.query_timeout_s)
                 try:
-                    result = tx.run(query, params or {})
                     rows = []
-                    for record in result:
+                    for record in tx.run(query, params or {}):
                         rows.append(record.data())
                         if len(rows) >= limit:
                             break
                     return rows
                 finally:
                     tx.rollback()
-        except ClientError as exc:
-            raise GraphError(f"query failed: {exc.message or exc}") from exc
+        except Forbidden as exc:
+            raise ReadOnlyViolation(f"refused by the server: {exc.message or exc}") from exc
         except Neo4jError as exc:
+            if _timed_out(exc):
+                raise QueryTimeout(f"stopped by the server at its time limit of {self.query_timeout_s:g} s "
+                                   f"({exc.message or exc})") from exc
             raise GraphError(f"query failed: {exc.message or exc}") from exc
 
     # -- whole-graph operations --------------------------------------------------------------------------------

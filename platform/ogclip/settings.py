@@ -29,10 +29,23 @@ class Settings(BaseSettings):
         default=None, description="Password for neo4j_uri; the embedded server generates and keeps its own if unset."
     )
     neo4j_database: str = Field(default="neo4j")
+    neo4j_analyst_user: str | None = Field(
+        default=None, description="User that analysts' queries (`kg query`) run as on neo4j_uri, ideally one whose "
+        "role can only read; unset = neo4j_user. The embedded server's analyst is always 'analyst'.")
+    neo4j_analyst_password: SecretStr | None = Field(
+        default=None, description="Password of the analyst user; the embedded server generates and keeps its own if "
+        "unset.")
     kg_host: str = Field(default="127.0.0.1", description="Address the embedded graph server binds to.")
     kg_bolt_port: int = Field(default=17687, gt=0, lt=65536)
     kg_http_port: int = Field(default=12480, gt=0, lt=65536)
     kg_heap: str = Field(default="1g", description="JVM heap of the embedded graph server.")
+    kg_query_timeout_s: float = Field(
+        default=30.0, gt=0, le=3600, description="Server-side time limit of an analyst's query: on the embedded "
+        "server the analyst group's readTimeout and a watchdog that terminates older analyst queries; on Neo4j the "
+        "transaction timeout.")
+    kg_query_max_rows: int = Field(
+        default=100_000, gt=0, description="The analyst group's resultSetLimit on the embedded server: a scan of one "
+        "type stops after this many records.")
     api_token: SecretStr | None = Field(
         default=None, description="Bearer token the classification service requires on /v1/*. Outside local mode a "
         "service without one refuses to start (`ogclip serve up` generates one and keeps it under home/serve).")
