@@ -1,4 +1,4 @@
-"""The Ray Serve application: a FastAPI ingress on autoscaling classifier replicas.
+"""The Ray Serve application: a FastAPI app on autoscaling classifier replicas, behind the gateway (the ingress).
 
 Each replica loads the export bundle, checks that the graph holds class embeddings for the bundle's
 ``model_version`` (refusing to start otherwise), builds one faiss index per served embedding size, and keeps them
@@ -7,16 +7,19 @@ atomically, so no request is dropped or sees a half-built index. Images (and tex
 batched into one forward pass with ``@serve.batch``; Serve's ``max_queued_requests`` turns overload into immediate
 503s instead of unbounded queues.
 
+HTTP reaches the replicas through :mod:`ogclip_serve.gateway`, the application's ingress: it hands each request
+whole to a replica's :meth:`OGClipClassifier.forward` (which runs it through the FastAPI app below) and sends an
+idempotent request again to another replica when its replica dies mid-request.
+
 ``build_app(args)`` is the application builder for ``serve run``/``serve deploy``/RayService
-(``import_path: ogclip_serve.app:build_app``); ``args`` is a :class:`ogclip.config.ServeConfig` as a mapping, or
-``{"config": "path/to/serve.yaml"}``.
+(``import_path: ogclip_serve.app:build_app``); ``args`` is a :class:`ogclip_serve.config.ServiceConfig` (or a
+:class:`ogclip.config.ServeConfig`) as a mapping, or ``{"config": "path/to/serve.yaml"}``.
 """
 
 # No ``from __future__ import annotations`` here: Serve pickles the deployment class by value and FastAPI then
 # resolves endpoint annotations in the replica, where string annotations would name globals the copy lacks.
 import asyncio
 import base64
-import json
 import logging
 import math
 import threading
@@ -41,9 +44,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ogclip import __version__
 from ogclip.config import ServeConfig, load_yaml_config
 from ogclip_serve.auth import AuthPolicy
-from ogclip_serve.errors import BadRequest, NotFound, NotReady, PayloadTooLarge, ServiceError
+from ogclip_serve.config import ServiceConfig, service_config
+from ogclip_serve.errors import BadRequest, InternalError, NotFound, NotReady, PayloadTooLarge, ServiceError
 from ogclip_serve.index import ClassInfo, Snapshot, VectorIndex, normalise, scores
-from ogclip_serve.inputs import PreparedImage, RawImage, decode_base64, prepare
+from ogclip_serve.inputs import PreparedImage, RawImage, decode_base64, parse_json, prepare_all
+from ogclip_serve.metrics import endpoint_label
 from ogclip_serve.schemas import (
     ClassesResponse,
     ClassifyRequest,
@@ -54,10 +59,10 @@ from ogclip_serve.schemas import (
     ModelList,
     ReadyResponse,
 )
+from ogclip_serve.transport import Answer, Forwarded, error_response, read_body, run_asgi
 
 log = logging.getLogger("ogclip_serve")
 
-ENDPOINTS = ("/v1/classify", "/v1/embeddings", "/v1/classes", "/v1/models", "/healthz", "/readyz")
 IMAGE_URL_PREFIX = "data:image/"
 
 app = FastAPI(
@@ -84,12 +89,6 @@ def _register(auth: AuthPolicy, metrics: Any) -> None:
     _STATE.auth, _STATE.metrics = auth, metrics
 
 
-class InternalError(ServiceError):
-    status = 500
-    type = "server_error"
-    code = "internal_error"
-
-
 @contextmanager
 def _guard(what: str) -> Iterator[None]:
     """Unexpected exceptions become a 500 with a short message (and a log line), never a dead replica."""
@@ -104,18 +103,13 @@ def _guard(what: str) -> Iterator[None]:
 
 # -- app-level hooks ---------------------------------------------------------------------------------------------
 
-def _endpoint(path: str) -> str:
-    # A fixed set of label values: arbitrary paths must not blow up the metrics' cardinality.
-    return next((e for e in ENDPOINTS if path.endswith(e)), "other")
-
-
 @app.middleware("http")
 async def _observe(request: Request, call_next: Any) -> Any:
     started = time.perf_counter()
     response = await call_next(request)
     metrics = _STATE.metrics
     if metrics is not None:
-        endpoint = _endpoint(request.url.path)
+        endpoint = endpoint_label(request.url.path)
         metrics.request(endpoint, response.status_code, (time.perf_counter() - started) * 1000)
         if response.status_code >= 400:
             metrics.error(endpoint, str(response.status_code))
@@ -124,13 +118,19 @@ async def _observe(request: Request, call_next: Any) -> Any:
 
 @app.exception_handler(ServiceError)
 async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+    return error_response(exc)
 
 
 @app.exception_handler(RequestValidationError)
 async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
     return JSONResponse(BadRequest(_describe(exc.errors())).body(), status_code=422)
+
+
+@app.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    # Outside the endpoints' own guard (a dependency, a parser): still the error format, never a bare text 500.
+    log.error("%s %s failed: %s", request.method, request.url.path, type(exc).__name__, exc_info=exc)
+    return error_response(InternalError(f"{type(exc).__name__} while handling the request"))
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -157,33 +157,6 @@ async def authorize(request: Request, credentials: Annotated[HTTPAuthorizationCr
     if _STATE.auth is None:
         raise NotReady("the replica is starting")
     _STATE.auth.check(request.headers.get("authorization"))
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes ``limit`` bytes (declared or streamed)."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            if int(declared) > limit:
-                raise PayloadTooLarge(f"request body of {declared} bytes is over the limit of {limit}")
-        except ValueError as exc:
-            raise BadRequest("invalid Content-Length header") from exc
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
-        chunks.append(chunk)
-    body = b"".join(chunks)
-    request._body = body  # Starlette's own body cache: request.form() then parses these bytes, not the used stream
-    return body
-
-
-def _json(body: bytes) -> Any:
-    try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"request body is not valid JSON ({exc})") from exc
 
 
 class ClassifyOptions(BaseModel):
@@ -300,7 +273,7 @@ class OGClipClassifier:
         from ogclip_serve.metrics import ServiceMetrics
         from ogclip_serve.sync import ClassEmbeddingSync
 
-        self.cfg = cfg = ServeConfig.model_validate(dict(config))
+        self.cfg = cfg = service_config(dict(config))
         settings = Settings()
         auth = AuthPolicy.from_settings(settings, cfg.host)  # before anything slow: a wrong setup fails at once
         # A replica owns a fraction of a node: as many torch threads as its CPUs, not the node's core count.
@@ -437,12 +410,13 @@ class OGClipClassifier:
                              code="unsupported_dim")
         return dim
 
-    def _prepare(self, raw: list[RawImage], segment: bool | None) -> list[PreparedImage]:
+    def _prepare(self, raw: list[RawImage], segment: bool | None, names: list[str] | None = None,
+                 image_suffix: str = ".image") -> list[PreparedImage]:
         if segment and self.segmenter is None:
             raise BadRequest("segment=true, but this service has no segmenter configured", param="segment")
         use = segment is not False and self.segmenter is not None
-        return [prepare(item, i, self.cfg.limits, self.transform, self.segmenter, self.segmenter_name, use)
-                for i, item in enumerate(raw)]
+        return prepare_all(raw, self.cfg.limits, self.transform, self.segmenter, self.segmenter_name, use, names,
+                           image_suffix)
 
     async def _parse_classify(self, request: Request) -> tuple[ClassifyOptions, list[RawImage]]:
         limits = self.cfg.limits
@@ -453,7 +427,7 @@ class OGClipClassifier:
         if not content_type.startswith("application/json"):
             raise BadRequest(f"unsupported content type {content_type!r}: send application/json or "
                              "multipart/form-data")
-        data = _json(await request.body())
+        data = await asyncio.to_thread(parse_json, await request.body())  # up to max_request_bytes: off the loop
         if isinstance(data, dict) and isinstance(data.get("images"), list) \
                 and len(data["images"]) > limits.max_images_per_request:
             raise BadRequest(f"too many images: {len(data['images'])} > {limits.max_images_per_request} per request",
@@ -557,6 +531,13 @@ class OGClipClassifier:
                 vectors[key] = vector
         return infos, vectors
 
+    # -- the gateway's entry --------------------------------------------------------------------------------------
+
+    async def forward(self, request: Forwarded) -> Answer:
+        """One whole HTTP request from the gateway, run through the FastAPI app (``@serve.ingress`` makes this
+        replica its ASGI callable), answered whole."""
+        return await run_asgi(self, request)  # type: ignore[arg-type]
+
     # -- endpoints -----------------------------------------------------------------------------------------------
 
     @app.get("/healthz", summary="liveness: the replica answers")
@@ -631,7 +612,7 @@ class OGClipClassifier:
     async def embeddings(self, request: Request) -> JSONResponse:
         with _guard("embeddings"):
             limits = self.cfg.limits
-            data = _json(await read_body(request, limits.max_request_bytes))
+            data = await asyncio.to_thread(parse_json, await read_body(request, limits.max_request_bytes))
             try:
                 body = EmbeddingsRequest.model_validate(data)
             except ValidationError as exc:
@@ -663,7 +644,7 @@ class OGClipClassifier:
             if images:
                 raw = await asyncio.to_thread(lambda: [RawImage(image=decode_base64(
                     inputs[i], f"input[{i}]", limits.max_image_bytes)) for i in images])
-                prepared = await asyncio.to_thread(self._prepare, raw, False)
+                prepared = await asyncio.to_thread(self._prepare, raw, False, [f"input[{i}]" for i in images], "")
                 features[images] = await self._encode_images(prepared)
             if texts:
                 features[texts] = await self._encode_texts([inputs[i] for i in texts])
@@ -685,17 +666,19 @@ class OGClipClassifier:
 
 # -- the application builder -------------------------------------------------------------------------------------
 
-def config_from_args(args: Mapping[str, Any] | ServeConfig) -> ServeConfig:
-    """A ServeConfig from builder args: a ServeConfig, ``{"config": PATH}`` (a YAML file), or the fields inline."""
+def config_from_args(args: Mapping[str, Any] | ServeConfig) -> ServiceConfig:
+    """A ServiceConfig from builder args: a ServeConfig (or ServiceConfig), ``{"config": PATH}`` (a YAML file), or
+    the fields inline."""
     if isinstance(args, ServeConfig):
-        return args
+        return service_config(args)
     if set(args) == {"config"}:
-        return load_yaml_config(args["config"], ServeConfig)  # type: ignore[return-value]
-    return ServeConfig.model_validate(dict(args))
+        return load_yaml_config(args["config"], ServiceConfig)  # type: ignore[return-value]
+    return ServiceConfig.model_validate(dict(args))
 
 
 def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
-    """Ray Serve deployment options from the config (autoscaling, resources, admission control)."""
+    """Ray Serve deployment options of the classifier from the config (autoscaling, resources, admission
+    control)."""
     d = cfg.deployment
     scaling = d.autoscaling
     return {
@@ -717,7 +700,34 @@ def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
     }
 
 
+def gateway_options(cfg: ServiceConfig) -> dict[str, Any]:
+    """Ray Serve deployment options of the gateway (the ingress).
+
+    It holds each request it has read until a replica answers, so it takes about as many at once as all replicas
+    can work on and queue (twice that, at least 64, so that the replicas' own back-pressure, not the gateway's,
+    decides what is refused, in the service's error format); its own queue is the classifier's.
+    """
+    d, g = cfg.deployment, cfg.gateway
+    capacity = d.autoscaling.max_replicas * d.max_ongoing_requests + d.max_queued_requests
+    return {
+        "name": f"{d.name}Gateway",
+        "num_replicas": g.replicas,
+        "ray_actor_options": {"num_cpus": g.num_cpus},
+        "max_ongoing_requests": max(64, 2 * capacity),
+        "max_queued_requests": d.max_queued_requests,
+        "health_check_period_s": d.health_check_period_s,
+        "logging_config": {"enable_access_log": d.access_log},
+        "graceful_shutdown_timeout_s": d.graceful_shutdown_timeout_s,
+        "max_constructor_retry_count": 3,
+    }
+
+
 def build_app(args: Mapping[str, Any] | ServeConfig) -> Application:
-    """The application builder (``import_path: ogclip_serve.app:build_app``)."""
+    """The application builder (``import_path: ogclip_serve.app:build_app``): the gateway (ingress) bound to the
+    classifier deployment."""
+    from ogclip_serve.gateway import OGClipGateway
+
     cfg = config_from_args(args)
-    return OGClipClassifier.options(**deployment_options(cfg)).bind(cfg.model_dump(mode="json"))
+    config = cfg.model_dump(mode="json")
+    classifier = OGClipClassifier.options(**deployment_options(cfg)).bind(config)
+    return OGClipGateway.options(**gateway_options(cfg)).bind(classifier, config)

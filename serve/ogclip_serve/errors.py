@@ -17,14 +17,29 @@ class ServiceError(Exception):
     code = "invalid_request"
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        message = printable(message)
         super().__init__(message)
         self.message = message
-        self.param = param
+        self.param = None if param is None else printable(param)
         if code is not None:
             self.code = code
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def headers(self) -> dict[str, str] | None:
+        """Extra response headers of this error (``WWW-Authenticate``, ``Retry-After``)."""
+        return None
+
+
+def printable(text: str) -> str:
+    """``text`` with anything UTF-8 cannot encode (lone surrogates from a request's JSON) backslash-escaped, so an
+    error message that quotes the request can always be sent."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class BadRequest(ServiceError):
@@ -46,11 +61,38 @@ class Unauthorized(ServiceError):
     type = "authentication_error"
     code = "invalid_api_key"
 
+    def headers(self) -> dict[str, str] | None:
+        return {"WWW-Authenticate": "Bearer"}
+
 
 class NotReady(ServiceError):
     status = 503
     type = "server_error"
     code = "not_ready"
+
+
+class InternalError(ServiceError):
+    """A failure of the service itself (a bug): 500, with a short message, and a log line where it happened."""
+
+    status = 500
+    type = "server_error"
+    code = "internal_error"
+
+
+class Unavailable(ServiceError):
+    """No replica can take the request now (queues full, or its replica died and the retries are spent): the
+    client may send it again after ``retry_after`` seconds."""
+
+    status = 503
+    type = "server_error"
+    code = "unavailable"
+
+    def __init__(self, message: str, *, retry_after: int, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str] | None:
+        return {"Retry-After": str(self.retry_after)}
 
 
 class EmbeddingVersionError(RuntimeError):

@@ -7,8 +7,15 @@ labels, so one Prometheus scrape config covers every replica wherever it runs; c
 
 from __future__ import annotations
 
+ENDPOINTS = ("/v1/classify", "/v1/embeddings", "/v1/classes", "/v1/models", "/healthz", "/readyz")
 LATENCY_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000]
 BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64, 128]
+
+
+def endpoint_label(path: str) -> str:
+    """The metrics label of a request path: one of :data:`ENDPOINTS` or ``other`` (arbitrary paths must not blow
+    up the metrics' cardinality)."""
+    return next((e for e in ENDPOINTS if path.endswith(e)), "other")
 
 
 class ServiceMetrics:
@@ -33,6 +40,8 @@ class ServiceMetrics:
         self.classes = Gauge("ogclip_classes", description="classes served per class set", tag_keys=("class_set",))
         self.reloads = Counter("ogclip_embedding_reloads", description="class-embedding snapshots loaded")
         self.sync_errors = Counter("ogclip_embedding_sync_errors", description="failed polls or loads of the graph")
+        self.retries = Counter("ogclip_retries", description="requests sent again to another replica because "
+                               "theirs stopped mid-request", tag_keys=("endpoint",))
         self.on_demand = Counter("ogclip_on_demand_embeddings", description="classes embedded by the replica's text "
                                  "tower because the graph had no embedding for them")
 

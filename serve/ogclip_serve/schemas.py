@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat
 
 
 class _Strict(BaseModel):
@@ -24,7 +24,7 @@ class ImageInput(_Strict):
     image: str = Field(description="the encoded image (PNG, JPEG, WebP, ...) as base64 or a data: URL")
     mask: str | None = Field(default=None, description="the target's mask, same size as the image, as base64 PNG "
                              "(white = target); makes the ROI channel real")
-    box: tuple[float, float, float, float] | None = Field(
+    box: tuple[FiniteFloat, FiniteFloat, FiniteFloat, FiniteFloat] | None = Field(
         default=None, description="the target's box [x0, y0, x1, y1] in pixels; the ROI mask is the box, or what "
         "the segmenter finds inside it when one is configured")
 

@@ -35,6 +35,7 @@ import yaml
 from ogclip import daemon
 from ogclip.config import ServeConfig, load_yaml_config
 from ogclip.settings import Settings
+from ogclip_serve.config import ServiceConfig
 
 PID_FILE, LOG_FILE, STATE_FILE, TOKEN_FILE = "server.pid", "server.log", "server.json", "token"
 
@@ -155,7 +156,7 @@ def run(cfg: ServeConfig, settings: Settings) -> None:
 
 def up(config_path: Path, settings: Settings, timeout: float = 600.0) -> str:
     """Start ``run`` detached and wait until the service is ready; returns a one-line description."""
-    cfg = load_yaml_config(config_path, ServeConfig)
+    cfg = load_yaml_config(config_path, ServiceConfig)
     if _pid(settings) is not None:
         raise ServeError(f"a service is already running (pid {_pid(settings)}); `ogclip serve down` first")
     summary = preflight(cfg, settings)
@@ -210,9 +211,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "up":
             print(up(args.config, settings))
         elif args.command == "run":
-            run(load_yaml_config(args.config, ServeConfig), settings)
+            run(load_yaml_config(args.config, ServiceConfig), settings)
         elif args.command == "render":
-            print(yaml.safe_dump(deploy_config(load_yaml_config(args.config, ServeConfig)), sort_keys=False), end="")
+            print(yaml.safe_dump(deploy_config(load_yaml_config(args.config, ServiceConfig)), sort_keys=False),
+                  end="")
         elif args.command == "down":
             print(down(settings))
         else:
