@@ -18,6 +18,7 @@ from pathlib import Path
 import ray
 
 from ogclip.config import CaptionConfig, DataPipelineConfig, MaskConfig, StageResources, SynthSourceConfig
+from ogclip.synth import TargetClass
 from ogclip_jobs.data import stages
 from ogclip_jobs.data.pipeline import STAGES, Pipeline, find_outliers
 
@@ -70,7 +71,8 @@ def plain_run(images: int, size: int) -> dict[str, float]:
         seconds[name] = time.perf_counter() - started
         return out
 
-    batch = timed("ingest", stages.RenderTargets(classes(), size, 0), items)
+    targets = {key: TargetClass.from_facts(row) for key, row in classes().items()}
+    batch = timed("ingest", stages.RenderTargets(targets, size, 0), items)
     batch = timed("dedup", stages.HashImages(), batch)
     batch = timed("quality", stages.EmbedImages("og-clip-tiny"), batch)
     started = time.perf_counter()

@@ -43,6 +43,37 @@ def test_bad_config_is_a_clear_error(tmp_path: Path) -> None:
     assert "steps" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(("command", "content", "named"), [
+    ("demo", "a: [1, 2\n", "not valid YAML at line 2"),
+    ("demo", "- just\n- a list\n", "expected a mapping"),
+    ("demo", "train: {model: no-such-model}\n", "unknown model 'no-such-model'"),
+    ("train", "model: og-clip-tiny\ntrain: {steps: -5}\n", "train.steps"),
+    ("demo", None, "is a directory"),
+])
+def test_a_bad_config_file_is_one_line_naming_the_file(tmp_path: Path, command: str, content: str | None,
+                                                       named: str) -> None:
+    path = tmp_path / "config.yaml"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_text(content)
+    result = run(command, "--config", str(path))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(path) in lines[0] and named in lines[0], result.stderr
+
+
+@pytest.mark.parametrize("steps", ["0", "-5", "many"])
+def test_steps_must_be_positive(steps: str) -> None:
+    result = run("demo", "--steps", steps)
+    assert result.returncode == 2 and "--steps" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_version() -> None:
+    result = run("--version")
+    assert result.returncode == 0 and result.stdout.startswith("ogclip ")
+
+
 TINY_DEMO = """
 ray_num_cpus: 2
 ablation: false
@@ -79,6 +110,12 @@ def test_demo_runs_end_to_end(tmp_path: Path, kg_settings) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     for step in range(1, 6):
         assert f"[{step}/5]" in result.stdout
+    # A quiet console: the job's own lines only (Ray's logs stay in its session folder), none twice, no warnings.
+    console = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert len(console) <= 80, "\n".join(console)
+    assert len(set(console)) == len(console), "\n".join(console)
+    assert not [line for line in console if "Warning" in line or "WARNING" in line], "\n".join(console)
+    assert sum(line.lstrip().startswith("step ") for line in console) == 2  # steps 2 and 4 (checkpoint_every 2)
     summary = json.loads((out / "demo.json").read_text())
     assert summary["fresh_mask_gap"] == 0.0 and summary["train"]["final_metrics"]["step"] == 4
     version = summary["train"]["model_version"]

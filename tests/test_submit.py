@@ -29,7 +29,7 @@ import yaml
 
 from ogclip.settings import free_ports
 from ogclip_jobs.submit import (
-    SubmitError,
+    SubmitInputError,
     build_runtime_env,
     normalise_argv,
     resolve_ray_token,
@@ -282,7 +282,7 @@ def test_failed_job_exits_2_with_its_status(cluster) -> None:
 def test_missing_or_wrong_token_is_refused_clearly(cluster, token: str | None) -> None:
     result = subprocess.run([OGCLIP, "submit", "models", "--address", cluster.address], capture_output=True,
                             text=True, env=_client_env(token), timeout=120)
-    assert result.returncode == 2
+    assert result.returncode == 1  # refused by the cluster: a runtime error, not a usage error
     assert "requires authentication" in result.stderr
     assert ("RAY_AUTH_TOKEN" in result.stderr) == (token is None)
     assert token is None or token not in result.stderr + result.stdout
@@ -307,7 +307,7 @@ def test_token_is_found_where_ray_looks(tmp_path: Path) -> None:
     token_file = tmp_path / "token"
     token_file.write_text("from-file\n")
     assert resolve_ray_token({"RAY_AUTH_TOKEN_PATH": str(token_file)}, home=tmp_path) == "from-file"
-    with pytest.raises(SubmitError, match="cannot be read"):
+    with pytest.raises(SubmitInputError, match="cannot be read"):
         resolve_ray_token({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "missing")}, home=tmp_path)
     assert resolve_ray_token({}, home=tmp_path) is None
     (tmp_path / ".ray").mkdir()
@@ -322,7 +322,7 @@ def test_runtime_env_merges_file_folder_and_variables(tmp_path: Path) -> None:
     assert env == {"env_vars": {"A": "1", "B": "2"}, "config": {"setup_timeout_seconds": 60},
                    "working_dir": str(tmp_path)}
     assert build_runtime_env() is None
-    with pytest.raises(SubmitError, match="not a folder"):
+    with pytest.raises(SubmitInputError, match="not a folder"):
         build_runtime_env(working_dir=tmp_path / "missing")
 
 

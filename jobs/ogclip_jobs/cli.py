@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ogclip.config import DemoConfig, load_yaml_config
+from ogclip.config import ConfigError, DemoConfig, load_yaml_config
+from ogclip.settings import get_settings
 from ogclip_jobs import submit
 
 
@@ -40,6 +42,26 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    """argparse type of ``--steps``: a whole number above zero."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return value
+
+
+def _known_model(name: str, config: Path | None) -> None:
+    """Refuse an unregistered architecture before Ray or the graph start."""
+    from ogclip.models import list_models
+
+    if name not in list_models():
+        raise ConfigError(f"{config or 'the built-in defaults'}: unknown model {name!r}; registered: "
+                          f"{', '.join(list_models())}")
+
+
 def _demo(args: argparse.Namespace) -> int:
     from ogclip_jobs.demo import run_demo  # torch-heavy; keep `ogclip --help` fast
 
@@ -47,11 +69,12 @@ def _demo(args: argparse.Namespace) -> int:
     updates: dict = {}
     if args.output_dir:
         updates["output_dir"] = args.output_dir
-    if args.steps:
+    if args.steps is not None:
         updates["train"] = cfg.train.model_copy(update={"train": cfg.train.train.model_copy(
             update={"steps": args.steps})})
     if args.no_ablation:
         updates["ablation"] = False
+    _known_model(cfg.train.model, args.config)
     run_demo(cfg.model_copy(update=updates))
     return 0
 
@@ -61,8 +84,9 @@ def _train(args: argparse.Namespace) -> int:
     from ogclip_jobs.train import run_training
 
     cfg = load_yaml_config(args.config, TrainJobConfig) if args.config else TrainJobConfig()
-    if args.steps:
+    if args.steps is not None:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": args.steps})})
+    _known_model(cfg.model, args.config)
     _, summary = run_training(cfg)
     print(json.dumps(summary, indent=2, default=str))
     return 0
@@ -131,7 +155,12 @@ def _parse_param(text: str) -> tuple[str, object]:
 
 
 def _kg_query(store, args: argparse.Namespace) -> int:
-    rows = store.analyst_query(args.cypher, dict(_parse_param(p) for p in args.param), limit=args.limit)
+    from ogclip_kg.store import ReadOnlyViolation
+
+    try:
+        rows = store.analyst_query(args.cypher, dict(_parse_param(p) for p in args.param), limit=args.limit)
+    except ReadOnlyViolation as exc:  # a refused query is bad input: exit status 2
+        raise ValueError(str(exc)) from exc
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0
@@ -207,8 +236,21 @@ def _serve(args: argparse.Namespace) -> int:
     return subprocess.call(command)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ogclip-platform")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ogclip", description="OG-CLIP zero-shot target recognition platform.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also show Ray's own logs (driver, workers, Ray Data progress); the same as "
+                             "OGCLIP_LOG_LEVEL=DEBUG. Without it they stay in Ray's session folder")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     models = commands.add_parser("models", help="list the registered model architectures")
@@ -217,14 +259,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="run the main job end to end on the embedded defaults")
     demo.add_argument("--config", type=Path, help="demo YAML (default: built-in defaults)")
-    demo.add_argument("--steps", type=int, help="override the number of training steps (every model)")
+    demo.add_argument("--steps", type=_positive_int, help="override the number of training steps (every model)")
     demo.add_argument("--output-dir", type=Path, help="where data, runs, reports and the bundle go")
     demo.add_argument("--no-ablation", action="store_true", help="skip training the ablation's other models")
     demo.set_defaults(func=_demo)
 
     train = commands.add_parser("train", help="train OG-CLIP with Ray Train, then export bundle + class embeddings")
     train.add_argument("--config", type=Path, help="training YAML, e.g. infra/configs/train-cpu.yaml")
-    train.add_argument("--steps", type=int, help="override train.steps")
+    train.add_argument("--steps", type=_positive_int, help="override train.steps")
     train.set_defaults(func=_train)
 
     evaluate = commands.add_parser("eval", help="zero-shot evaluation on the unseen classes; `eval ablation`, "
@@ -263,10 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     seed.add_argument("--seed", type=int, default=0, help="class-set selection seed")
     seed.add_argument("--test-scale", type=float, default=1.0, help="scale of the paper's 51/29/19 test split")
     seed.add_argument("--json", action="store_true")
-    query = kg_commands.add_parser("query", help="run a read-only Cypher query (writes are refused)")
+    query = kg_commands.add_parser(
+        "query", help="run a read-only Cypher query as the analyst account (writes and administration are refused; "
+        "the server stops it after OGCLIP_KG_QUERY_TIMEOUT_S)")
     query.add_argument("cypher")
     query.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="query parameter (JSON)")
-    query.add_argument("--limit", type=int, default=1000, help="at most this many rows")
+    query.add_argument("--limit", type=int, default=1000, help="print at most this many rows (read no more)")
     query.add_argument("--json", action="store_true", help="print JSON instead of tab-separated columns")
     check = kg_commands.add_parser("check", help="quality control: consistency checks and possible duplicates")
     check.add_argument("--limit", type=int, default=10, help="examples shown per finding")
@@ -296,11 +340,23 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     # `submit`'s own options may follow the command it submits; put them first so argparse can tell them apart.
     args = build_parser().parse_args(submit.normalise_argv(sys.argv[1:] if argv is None else argv))
+    if args.verbose:
+        os.environ["OGCLIP_LOG_LEVEL"] = "DEBUG"
+        get_settings.cache_clear()
+    # Exit status as argparse has it: 2 for bad input (flags, config files, values), 1 for a failure while running.
     try:
         return args.func(args)
-    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as exc:
-        print(f"ogclip {args.command}: error: {exc}", file=sys.stderr)
+    except ValueError as exc:  # ConfigError, pydantic's ValidationError and other refused values
+        print(f"ogclip {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except (KeyError, OSError, RuntimeError) as exc:
+        print(f"ogclip {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return getattr(exc, "exit_code", 1)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:500] + (" …" if len(text) > 500 else "")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from ogclip.models import create_model
 from ogclip_jobs.data.pipeline import run_pipeline
 from ogclip_jobs.evaluate import VARIANTS, run_ablation, run_evaluation
 from ogclip_jobs.probe import run_probe
-from ogclip_jobs.runtime import ensure_ray, open_graph
+from ogclip_jobs.runtime import ensure_ray, open_graph, ray_log_folder, verbose
 from ogclip_jobs.train import run_training
 
 SHARDS = Path("stages/shards/parquet")
@@ -120,5 +120,6 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
         + " ".join(f"data-{name}/" for name in curated) + " (shards), "
         f"train/{cfg.train.name}/ (checkpoints, metrics.jsonl, bundle/), eval/report.md, "
         "eval-label/report.md, probe/probe.md"
-        + (", ablation/ablation.md" if cfg.ablation else "") + ", demo.json")
+        + (", ablation/ablation.md" if cfg.ablation else "") + ", demo.json"
+        + (f". Ray's logs: {ray_log_folder()}" if not verbose() and ray_log_folder() else ""))
     return summary

@@ -180,7 +180,7 @@ def encode_test_images(model: OGCLIP, data: Path, classes: list[str], visual_pro
     ds = ray.data.read_parquet(str(data), columns=["image", "mask", "label"], num_cpus=0.25).map_batches(
         DecodeTestImages, fn_constructor_kwargs={"preprocess": preprocess.model_dump(mode="json"), "classes": classes,
                                                  "modes": list(modes), "segmenter": segmenter.model_dump(mode="json")},
-        batch_size=batch_size, concurrency=1, batch_format="numpy", **stage)
+        batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=1), batch_format="numpy", **stage)
     model.eval()
     features: dict[str, list[torch.Tensor]] = {mode: [] for mode in modes}
     ious: dict[str, list[np.ndarray]] = {mode: [] for mode in modes}

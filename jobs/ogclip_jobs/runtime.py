@@ -1,13 +1,28 @@
-"""What every job needs before it starts: a Ray to run on and the knowledge graph to read from."""
+"""What every job needs before it starts: a Ray to run on and the knowledge graph to read from.
+
+Console output: a job prints its own progress lines; Ray's own logs (driver INFO lines, worker output, Ray Data's
+progress reports) stay in Ray's session folder unless ``OGCLIP_LOG_LEVEL`` is ``DEBUG`` (``ogclip -v``). Ray Data's
+progress bars are shown only where a terminal is attached.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 
 import ray
 
 from ogclip.settings import get_settings
 from ogclip_kg.store import GraphStore
+
+# Ray loggers that report routine progress on the driver; a job shows their warnings only when verbose.
+_RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve")
+
+
+def verbose() -> bool:
+    """Whether Ray's own logs go to the console too (``OGCLIP_LOG_LEVEL=DEBUG``, ``ogclip -v``)."""
+    return get_settings().log_level.upper() == "DEBUG"
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
@@ -15,13 +30,31 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     (``address="local"``: a ``ray start`` cluster elsewhere on the machine is not joined by accident)."""
     if ray.is_initialized():
         return
+    loud = verbose()
+    quiet = {} if loud else {"log_to_driver": False, "logging_level": logging.ERROR}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init()
+        ray.init(**quiet)
     else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **quiet)
+    if not loud:
+        for name in _RAY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = loud or sys.stderr.isatty()
+    context.print_on_execution_start = loud
     # Ray 2.60's V2 file readers list files in a task that asks for a whole CPU and cannot be told otherwise;
     # beside a stage actor or a training worker on a small Ray it never schedules and the job hangs.
-    ray.data.DataContext.get_current().use_datasource_v2 = False
+    context.use_datasource_v2 = False
+
+
+def ray_log_folder() -> str | None:
+    """The local Ray session's log folder (where worker output goes when it is not shown), if known."""
+    try:
+        from ray._private.worker import global_worker
+
+        return os.path.join(global_worker.node.get_session_dir_path(), "logs")
+    except (AttributeError, ImportError):
+        return None
 
 
 def open_graph(seed_if_empty: bool = True) -> GraphStore:

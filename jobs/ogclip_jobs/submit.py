@@ -48,7 +48,16 @@ TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
 class SubmitError(RuntimeError):
-    """The job could not be submitted or did not succeed; the message says why."""
+    """The job could not be submitted or did not succeed; the message says why. ``exit_code``: the status
+    ``ogclip submit`` exits with (a failed job's own exit code where it has one, else 1)."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class SubmitInputError(ValueError):
+    """Bad input to ``ogclip submit`` itself (its flags, files or command): a usage error, exit status 2."""
 
 
 def resolve_ray_token(environ: dict[str, str] | None = None, home: Path | None = None) -> str | None:
@@ -62,9 +71,9 @@ def resolve_ray_token(environ: dict[str, str] | None = None, home: Path | None =
         try:
             token = Path(path).expanduser().read_text().strip()
         except OSError as exc:
-            raise SubmitError(f"RAY_AUTH_TOKEN_PATH={path} cannot be read: {exc.strerror}") from None
+            raise SubmitInputError(f"RAY_AUTH_TOKEN_PATH={path} cannot be read: {exc.strerror}") from None
         if not token:
-            raise SubmitError(f"RAY_AUTH_TOKEN_PATH={path} is empty")
+            raise SubmitInputError(f"RAY_AUTH_TOKEN_PATH={path} is empty")
         return token
     default = (home or Path.home()) / ".ray" / "auth_token"
     if default.is_file():
@@ -105,7 +114,7 @@ def _parse_env(items: Sequence[str]) -> dict[str, str]:
     for item in items:
         name, sep, value = item.partition("=")
         if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-            raise SubmitError(f"--env expects NAME=VALUE, got {item!r}")
+            raise SubmitInputError(f"--env expects NAME=VALUE, got {item!r}")
         env[name] = value
     return env
 
@@ -125,11 +134,11 @@ def build_runtime_env(runtime_env_file: Path | None = None, working_dir: Path | 
     if runtime_env_file is not None:
         loaded = yaml.safe_load(Path(runtime_env_file).read_text()) or {}  # JSON is YAML
         if not isinstance(loaded, dict):
-            raise SubmitError(f"{runtime_env_file}: a runtime environment must be a mapping")
+            raise SubmitInputError(f"{runtime_env_file}: a runtime environment must be a mapping")
         runtime_env.update(loaded)
     if working_dir is not None:
         if not Path(working_dir).is_dir():
-            raise SubmitError(f"--working-dir {working_dir} is not a folder")
+            raise SubmitInputError(f"--working-dir {working_dir} is not a folder")
         runtime_env["working_dir"] = str(working_dir)
     if env:
         runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **env}
@@ -165,9 +174,9 @@ def submit(command: Sequence[str], address: str, *, runtime_env: dict[str, Any] 
            entrypoint_num_gpus: float | None = None, token: str | None = None) -> tuple[Any, str]:
     """Submit ``ogclip <command>`` as a Ray job; returns the client and the job's submission id."""
     if not command:
-        raise SubmitError("no command to submit, e.g. `ogclip submit data pipeline --config FILE --address URL`")
+        raise SubmitInputError("no command to submit, e.g. `ogclip submit data pipeline --config FILE --address URL`")
     if command[0] == "submit":
-        raise SubmitError("`submit` runs an ogclip command on the cluster; it cannot submit itself")
+        raise SubmitInputError("`submit` runs an ogclip command on the cluster; it cannot submit itself")
     client = make_client(address, token)
     entrypoint = "ogclip " + shlex.join(command)
     with _explained(address, token):
@@ -221,7 +230,8 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     parser.add_argument("--entrypoint-num-cpus", type=float, help="CPUs reserved for the job's driver")
     parser.add_argument("--entrypoint-num-gpus", type=float, help="GPUs reserved for the job's driver")
     wait = parser.add_mutually_exclusive_group()
-    wait.add_argument("--wait", dest="wait", action="store_true", help="follow the logs; exit 2 unless it succeeds")
+    wait.add_argument("--wait", dest="wait", action="store_true",
+                      help="follow the logs; a failed job exits with its own exit code (1 if it has none)")
     wait.add_argument("--no-wait", dest="wait", action="store_false", help="print the job id and return (default)")
     parser.set_defaults(func=run_submit, wait=False)
     return parser
@@ -252,5 +262,6 @@ def run_submit(args: argparse.Namespace) -> int:
     print(json.dumps({"job_id": job_id, **result}), file=sys.stderr)
     if result["status"] != "SUCCEEDED":
         code = "" if result["exit_code"] is None else f", exit code {result['exit_code']}"
-        raise SubmitError(f"job {job_id} {result['status']}{code}: {result['message'] or 'no message'}")
+        raise SubmitError(f"job {job_id} {result['status']}{code}: {result['message'] or 'no message'}",
+                          exit_code=result["exit_code"] or 1)
     return 0

@@ -21,8 +21,9 @@ import json
 import math
 import random
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -265,14 +266,15 @@ def training_dataset(cfg: TrainJobConfig, preprocess: dict[str, Any], classes: S
         return ray.data.from_arrow(ids).map_batches(
             RenderForTraining, fn_constructor_kwargs={"preprocess": preprocess, "seed": cfg.data.seed,
                                                       "classes": {key: dict(facts[key]) for key in classes}},
-            batch_size=cfg.train.batch_size, num_cpus=cfg.data.render_cpus, concurrency=cfg.data.render_tasks,
+            batch_size=cfg.train.batch_size, num_cpus=cfg.data.render_cpus,
+            compute=ray.data.ActorPoolStrategy(size=cfg.data.render_tasks),
             batch_format="numpy")
     if not Path(cfg.data).exists():
         raise FileNotFoundError(f"training data {cfg.data} does not exist; run `ogclip data pipeline` first")
     columns = ["image", "mask", "label", "caption"]
     ds = ray.data.read_parquet(str(cfg.data), columns=columns, num_cpus=cfg.data_cpus).map_batches(
         DecodeForTraining, fn_constructor_kwargs={"preprocess": preprocess, "classes": list(classes)},
-        batch_size=64, num_cpus=cfg.data_cpus, concurrency=1, batch_format="numpy")
+        batch_size=64, num_cpus=cfg.data_cpus, compute=ray.data.ActorPoolStrategy(size=1), batch_format="numpy")
     return ds.materialize() if cfg.cache_decoded else ds
 
 
@@ -351,9 +353,9 @@ def train_loop(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as folder:
             step, loss_ema = _restore(model, optimizer, Path(folder))
         if rank == 0:
-            print(f"resumed from step {step} ({checkpoint.path})", flush=True)
             with (Path(config["run_dir"]) / "metrics.jsonl").open("a") as handle:
-                handle.write(json.dumps({"event": "resumed", "step": step, "time": time.time()}) + "\n")
+                handle.write(json.dumps({"event": "resumed", "step": step, "checkpoint": checkpoint.path,
+                                         "time": time.time()}) + "\n")
     wrapped = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
     autocast_dtype = _autocast_dtype(cfg, device)
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank + step)  # a resumed run draws afresh
@@ -367,10 +369,10 @@ def train_loop(config: dict[str, Any]) -> None:
         for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True,
                                         local_shuffle_buffer_size=None if stream else cfg.shuffle_buffer,
                                         local_shuffle_seed=cfg.seed * 1000 + rank + step):
-            images = torch.from_numpy(batch["image"]).to(device)
-            masks = torch.from_numpy(batch["mask"]).to(device)
+            images = torch.tensor(batch["image"], device=device)  # Ray's batches are read-only: copy
+            masks = torch.tensor(batch["mask"], device=device)
             images, masks = apply_visual_prompt(images, masks, cfg.visual_prompt, model.cfg.preprocess)
-            labels = torch.from_numpy(batch["label"]).to(device)
+            labels = torch.tensor(batch["label"], device=device)
             texts, owner = sample_texts(batch["key"], batch["caption"], prompts, cfg.prompts, rng, cfg.caption_ratio,
                                         contrasts, cfg.hard_negatives)
             unique = {t: i for i, t in enumerate(dict.fromkeys(texts))}  # a few dozen sentences: tokenise each once
@@ -387,11 +389,8 @@ def train_loop(config: dict[str, Any]) -> None:
             rate = steps_here * batch_size * world / elapsed
             metrics = {"step": step, **terms.as_dict(), "loss_ema": loss_ema, "lr": learning_rate(step - 1, cfg.train),
                        "samples_per_s": rate, "workers": world, "time": time.time()}
-            if rank == 0:
-                eta = (cfg.train.steps - step) * batch_size * world / max(rate, 1e-9)
-                print(f"step {step:5d}/{cfg.train.steps}  loss {loss:.3f} (ema {loss_ema:.3f}, clip "
-                      f"{metrics['loss_clip']:.3f}, mrl {metrics['loss_mrl']:.3f}, bpa {metrics['loss_bpa']:.3f})  "
-                      f"lr {metrics['lr']:.2e}  {rate:.0f} samples/s  ETA {eta:.0f}s", flush=True)
+            if rank == 0:  # the driver prints these lines (follow_metrics)
+                metrics["eta_s"] = (cfg.train.steps - step) * batch_size * world / max(rate, 1e-9)
                 with log_path.open("a") as handle:
                     handle.write(json.dumps(metrics) + "\n")
             if step % cfg.checkpoint_every == 0 or step >= cfg.train.steps:
@@ -409,6 +408,48 @@ def train_loop(config: dict[str, Any]) -> None:
 # -- the job (driver side) ---------------------------------------------------------------------------------------
 
 
+def metrics_line(row: Mapping[str, Any], steps: int) -> str:
+    """One line of ``metrics.jsonl`` as the job prints it."""
+    if row.get("event") == "resumed":
+        return f"resumed from step {row['step']} ({row.get('checkpoint', 'latest checkpoint')})"
+    return (f"step {row['step']:5d}/{steps}  loss {row['loss']:.3f} (ema {row['loss_ema']:.3f}, clip "
+            f"{row['loss_clip']:.3f}, mrl {row['loss_mrl']:.3f}, bpa {row['loss_bpa']:.3f})  lr {row['lr']:.2e}  "
+            f"{row['samples_per_s']:.0f} samples/s  ETA {row.get('eta_s', 0):.0f}s")
+
+
+@contextlib.contextmanager
+def follow_metrics(path: Path, steps: int, log: Callable[[str], None], every_s: float = 1.0) -> Iterator[None]:
+    """Print the lines rank 0 appends to ``path`` (``metrics.jsonl``, in the run's storage) while the body runs:
+    the training progress reaches the console once, from the driver, however Ray forwards worker output."""
+    start = path.stat().st_size if path.exists() else 0
+    stop = threading.Event()
+
+    def pump() -> None:
+        nonlocal start
+        if not path.exists():
+            return
+        with path.open() as handle:
+            handle.seek(start)
+            for line in iter(handle.readline, ""):
+                if not line.endswith("\n"):
+                    break  # a line still being written: read it next time
+                start += len(line.encode())
+                log(metrics_line(json.loads(line), steps))
+
+    def run() -> None:
+        while not stop.wait(every_s):
+            pump()
+
+    thread = threading.Thread(target=run, name="follow-metrics", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        pump()
+
+
 def _use_gpu(cfg: TrainJobConfig) -> bool:
     if cfg.use_gpu == "auto":
         return ray.cluster_resources().get("GPU", 0) >= cfg.num_workers
@@ -416,8 +457,9 @@ def _use_gpu(cfg: TrainJobConfig) -> bool:
 
 
 def fit(cfg: TrainJobConfig, prompts: dict[str, list[str]], classes: list[str],
-        facts: Mapping[str, dict[str, Any]] | None = None) -> ray.train.Result:
-    """Run the TorchTrainer; a run folder that already holds checkpoints is resumed, not restarted."""
+        facts: Mapping[str, dict[str, Any]] | None = None, log: Callable[[str], None] = print) -> ray.train.Result:
+    """Run the TorchTrainer, printing its progress lines through ``log``; a run folder that already holds
+    checkpoints is resumed, not restarted."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -442,7 +484,8 @@ def fit(cfg: TrainJobConfig, prompts: dict[str, list[str]], classes: list[str],
                                                checkpoint_score_order="min"),
         ),
     )
-    return trainer.fit()
+    with follow_metrics(run_dir / "metrics.jsonl", cfg.train.steps, log):
+        return trainer.fit()
 
 
 def build_model_config_preprocess(cfg: TrainJobConfig) -> dict[str, Any]:
@@ -504,7 +547,7 @@ def run_training(cfg: TrainJobConfig, log: Callable[[str], None] = print) -> tup
             f"prompt) on {len(classes)} classes from {source}: {cfg.train.steps} steps × {cfg.num_workers} "
             f"worker(s) × {cfg.train.batch_size}")
         started = time.perf_counter()
-        result = fit(cfg, prompts, classes, {row["key"]: row for row in rows})
+        result = fit(cfg, prompts, classes, {row["key"]: row for row in rows}, log)
         summary: dict[str, Any] = {"name": cfg.name, "seconds": round(time.perf_counter() - started, 1),
                                    "final_metrics": result.metrics, "run_dir": str(cfg.output_dir / cfg.name)}
         model = best_model(cfg, result)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class StrictModel(BaseModel):
@@ -600,11 +600,29 @@ class ServeConfig(StrictModel):
         "`ray start --metrics-export-port`)")
 
 
+class ConfigError(ValueError):
+    """A config file that cannot be used (missing, not YAML, not valid for its schema); the message names the file."""
+
+
 def load_yaml_config(path: str | Path, schema: type[StrictModel]) -> StrictModel:
-    """Read a YAML file and validate it against ``schema``; errors name the file and the offending keys."""
+    """Read a YAML file and validate it against ``schema``; every error is a :class:`ConfigError` whose one-line
+    message names the file and the offending keys."""
     path = Path(path)
-    with path.open() as handle:
-        data = yaml.safe_load(handle) or {}
+    if not path.is_file():
+        raise ConfigError(f"{path}: {'is a directory, not a YAML file' if path.is_dir() else 'no such file'}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    return schema.model_validate(data)
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        problems = [f"{'.'.join(str(part) for part in e['loc']) or '(top level)'}: {e['msg']}" for e in exc.errors()]
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise ConfigError(f"{path}: {'; '.join(problems[:3])}{more}") from None

@@ -45,8 +45,10 @@ ROW_COLUMNS = ["id", "image", "mask", "mask_truth", "label", "class_name", "supe
 class RenderTargets:
     """Render the synthetic world: a batch of (label, index) becomes images with their exact masks."""
 
-    def __init__(self, classes: dict[str, dict[str, Any]], image_size: int, seed: int) -> None:
-        self.targets = {key: TargetClass.from_facts(row) for key, row in classes.items()}
+    def __init__(self, targets: dict[str, TargetClass], image_size: int, seed: int) -> None:
+        # The targets, not the graph rows they come from: a few fields per class, small enough for Ray to pass
+        # inline rather than through the object store.
+        self.targets = dict(targets)
         self.image_size, self.seed = image_size, seed
 
     def __call__(self, batch: Batch) -> Batch:
