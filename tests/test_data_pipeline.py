@@ -315,3 +315,36 @@ def test_parquet_ingest_keeps_captions_and_labels(tmp_path: Path) -> None:
     rows = ray.data.read_parquet(str(tmp_path / "out" / "stages" / "ingest")).take_all()
     assert sorted(r["caption"] for r in rows) == [f"a striped jet {i}" for i in range(4)]
     assert {r["label"] for r in rows} == {"bravo"}
+
+
+def test_repeated_images_of_a_parquet_source_leave_one_row_each(tmp_path: Path) -> None:
+    # A Parquet row's id is its image's hash: 15 rows holding 10 distinct images give 10 rows, each id once, and
+    # dedup has nothing left to remove (the issue was 15 rows in, "removed 0" and 5 ids twice in the shards).
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ogclip.config import ParquetSourceConfig
+
+    target = TargetClass.from_facts(CLASSES["bravo"])
+    images = [png_bytes(render(target, seed=i, size=32).image) for i in range(10)]
+    table = pa.table({"image": images + images[:5], "caption": [f"jet {i}" for i in range(15)],
+                      "label": ["bravo"] * 15})
+    (tmp_path / "in").mkdir()
+    pq.write_table(table, tmp_path / "in" / "part-0.parquet")
+    cfg = DataPipelineConfig(output_dir=tmp_path / "out", source=ParquetSourceConfig(path=tmp_path / "in"))
+    pipeline = Pipeline(cfg, CLASSES, log=lambda _: None)
+    record = pipeline.run(only="ingest")["ingest"]
+    assert record["rows"] == 10 and record["repeated_ids_dropped"] == 5
+    assert pipeline.run(only="dedup")["dedup"]["removed"] == 0
+    ids = [r["id"] for r in ray.data.read_parquet(str(tmp_path / "out" / "stages" / "dedup")).take_all()]
+    assert len(ids) == len(set(ids)) == 10
+
+
+def test_a_stage_that_writes_an_id_twice_fails(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ogclip_jobs.data.pipeline import _repeated_ids
+
+    pq.write_table(pa.table({"id": ["a", "b", "a", "a"]}), tmp_path / "part-0.parquet")
+    assert _repeated_ids(tmp_path) == ["a", "a"]

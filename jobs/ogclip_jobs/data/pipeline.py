@@ -22,6 +22,7 @@ import numpy as np
 import ray
 import ray.data
 from ray.data import Dataset
+from ray.data.expressions import col
 from sklearn.cluster import DBSCAN
 
 from ogclip.config import DataPipelineConfig, StageResources
@@ -48,7 +49,7 @@ def _map(ds: Dataset, fn: Any, resources: StageResources, **kwargs: Any) -> Data
     if resources.num_gpus:
         options["num_gpus"] = resources.num_gpus
     if isinstance(fn, type):
-        options.update(concurrency=resources.concurrency, fn_constructor_kwargs=kwargs)
+        options.update(compute=ray.data.ActorPoolStrategy(size=resources.concurrency), fn_constructor_kwargs=kwargs)
     return ds.map_batches(fn, **options)
 
 
@@ -91,8 +92,11 @@ class Pipeline:
         shutil.rmtree(partial, ignore_errors=True)  # leftovers of an interrupted run
         partial.mkdir(parents=True)
         started = time.perf_counter()
-        self.log(f"[{name}] running")
         metrics = getattr(self, f"_stage_{name}")(partial)
+        duplicated = _repeated_ids(partial / "parquet" if name == "shards" else partial)
+        if duplicated:
+            raise StageError(f"stage {name!r} wrote {len(duplicated)} ids more than once (e.g. {duplicated[0]!r}): "
+                             "every row's id must be unique")
         record = {"stage": name, "seconds": round(time.perf_counter() - started, 2), **metrics}
         (partial / MARKER).write_text(json.dumps(record, indent=2))
         final = self.root / name
@@ -118,7 +122,7 @@ class Pipeline:
             keys = spread_classes(targets, source.max_classes, source.seed)
             items = [{"label": key, "index": i} for key in keys for i in range(source.per_class)]
             ds = _map(ray.data.from_items(items), stages.RenderTargets, resources,
-                      classes={k: self.classes[k] for k in keys}, image_size=source.image_size, seed=source.seed)
+                      targets={k: targets[k] for k in keys}, image_size=source.image_size, seed=source.seed)
         elif source.kind in ("folder", "webdataset"):
             tars = source.kind == "webdataset"
             files = ray.data.read_binary_files(str(source.path), include_paths=True, **LIGHT,
@@ -135,7 +139,16 @@ class Pipeline:
                 _parquet_rows, fn_kwargs={"source": source}, batch_format="numpy", **LIGHT)
         ds = _map(ds, stages.DecodeCheck, resources)
         rows = self._write(ds, out)
-        return {"rows": rows}
+        repeated = _repeated_ids(out)
+        if repeated:
+            # A source id names its content (a Parquet row's image hash) or its location (a file, a URL): rows that
+            # repeat one are the same item again. Keep one of each, so every later stage can address rows by id.
+            once = out.with_name(out.name + ".once")
+            ray.data.read_parquet(str(out), **LIGHT).groupby("id").map_groups(
+                _first_row, batch_format="pyarrow", **LIGHT).write_parquet(str(once), ray_remote_args=LIGHT)
+            shutil.rmtree(out)
+            once.rename(out)
+        return {"rows": rows - len(repeated), "repeated_ids_dropped": len(repeated)}
 
     def _stage_dedup(self, out: Path) -> dict[str, Any]:
         ds = self._input("dedup")
@@ -144,7 +157,7 @@ class Pipeline:
         hashed = _map(ds, stages.HashImages, StageResources(num_cpus=0.5, batch_size=64)).materialize()
         keys = hashed.select_columns(["id", "sha256", "dhash"], **LIGHT).take_all()
         keep = _dedup_keep(keys, self.cfg.dedup.max_hamming)
-        kept = hashed.filter(lambda row: row["id"] in keep, **LIGHT)
+        kept = hashed.filter(expr=col("id").is_in(sorted(keep)), **LIGHT)
         kept = kept.drop_columns(["sha256", "dhash"], **LIGHT)
         rows = self._write(kept, out)
         return {"rows": rows, "removed": len(keys) - rows}
@@ -175,7 +188,7 @@ class Pipeline:
         flagged = {o["id"] for o in outliers}
         kept = embedded.drop_columns(["embedding"], **LIGHT)
         if q.drop_outliers:
-            kept = kept.filter(lambda row: row["id"] not in flagged, **LIGHT)
+            kept = kept.filter(expr=col("id").not_in(sorted(flagged)), **LIGHT)
         rows = self._write(kept, out)
         return {"rows": rows, "outliers": len(outliers), "review_file": str(review),
                 "filter": f"on (bundle {q.model}, outliers {'dropped' if q.drop_outliers else 'flagged only'})"}
@@ -184,7 +197,7 @@ class Pipeline:
         ds = self._input("masks")
         m = self.cfg.masks
         if m.method == "provided":
-            missing = ds.filter(lambda row: not stages.present(row["mask"]), **LIGHT).count()
+            missing = ds.map_batches(_missing_masks, batch_format="numpy", **LIGHT).sum("missing") or 0
             if missing:
                 raise StageError(f"{missing} rows have no mask; use masks.method 'cpu' or 'sam2'")
             return {"rows": self._write(ds, out)}
@@ -219,10 +232,31 @@ class Pipeline:
             (out / "webdataset").mkdir()
             written = ds.repartition(max(1, -(-ds.count() // self.cfg.writer.rows_per_shard))).map_batches(
                 _TarWriter, fn_constructor_kwargs={"folder": str(out / "webdataset")}, batch_size=None,
-                concurrency=1, num_cpus=0.5, batch_format="numpy").take_all()
+                compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5, batch_format="numpy").take_all()
             metrics["tars"] = len(written)
         metrics["rows"] = ds.count()
         return metrics
+
+
+def _repeated_ids(folder: Path) -> list[str]:
+    """The ids a stage output holds more than once (one entry per extra copy), read from its id column only."""
+    import pyarrow.parquet as pq
+
+    counts: dict[str, int] = {}
+    for file in sorted(folder.rglob("*.parquet")):
+        for value in pq.read_table(file, columns=["id"]).column("id").to_pylist():
+            counts[value] = counts.get(value, 0) + 1
+    return [key for key, n in sorted(counts.items()) for _ in range(n - 1)]
+
+
+def _first_row(group: Any) -> Any:
+    """The first row of a group of rows sharing an id."""
+    return group.slice(0, 1)
+
+
+def _missing_masks(batch: dict[str, Any]) -> dict[str, Any]:
+    """How many rows of a batch have no mask (one count per batch, summed by the caller)."""
+    return {"missing": np.asarray([sum(not stages.present(mask) for mask in batch["mask"])])}
 
 
 def _parquet_rows(batch: dict[str, Any], source: Any) -> dict[str, Any]:
