@@ -24,7 +24,8 @@ from ogclip.config import (
 ROOT = Path(__file__).resolve().parents[1]
 
 # Every YAML config the project ships, and the schema it must satisfy.
-CONFIG_SCHEMAS = {"infra/configs/demo.yaml": DemoConfig, "infra/configs/demo-data.yaml": DataPipelineConfig,
+CONFIG_SCHEMAS = {"infra/configs/demo.yaml": DemoConfig, "infra/configs/demo-gpu.yaml": DemoConfig,
+                  "infra/configs/demo-data.yaml": DataPipelineConfig,
                   "infra/configs/train-cpu.yaml": TrainJobConfig, "infra/configs/ablation-cpu.yaml": AblationConfig,
                   "infra/configs/eval-cpu.yaml": EvalConfig, "infra/serve/demo.yaml": ServeConfig,
                   "infra/configs/data-cluster.yaml": DataPipelineConfig,
