@@ -247,3 +247,26 @@ def test_synthetic_stream_renders_fresh_deterministic_rows(graph) -> None:
     image, mask = image_mask_transform(PreprocessConfig(image_size=32))(sample.image, sample.mask)
     torch.testing.assert_close(torch.from_numpy(batch["image"][0]), image, atol=1e-5, rtol=0)
     torch.testing.assert_close(torch.from_numpy(batch["mask"][0]), mask)
+
+
+def test_render_stream_splits_ranks_and_resumes_where_it_left_off(graph, local_ray) -> None:
+    """The synthetic stream through renderer actors: each rank its own renders, batches in order, and a run resumed
+    at batch 2 gets exactly the batches 2 and 3 an uninterrupted run gets."""
+    from ogclip_jobs.train import RenderStream
+    from ogclip_kg import cypher
+    from ogclip_kg.prompts import fetch_class_facts
+
+    keys = [r["key"] for r in graph.read(cypher.CLASS_SET_KEYS, key="train")][:30]
+    facts = {row["key"]: row for row in fetch_class_facts(graph, keys)}
+    cfg = TrainJobConfig.model_validate({"name": "stream", "model": "og-clip-tiny", "output_dir": "unused",
+                                         "data": {"kind": "synth", "seed": 5, "render_tasks": 2}})
+    preprocess = PreprocessConfig(image_size=32).model_dump(mode="json")
+    renderers = RenderStream.start_renderers(cfg, preprocess, facts)
+    rank0 = list(RenderStream(renderers, 8, rank=0, world=2).batches(0, 4))
+    rank1 = list(RenderStream(renderers, 8, rank=1, world=2).batches(0, 4))
+    resumed = list(RenderStream(renderers, 8, rank=0, world=2, prefetch=1).batches(2, 4))
+    assert [b["image"].shape for b in rank0] == [(8, 3, 32, 32)] * 4
+    pictures = [row.tobytes() for batch in rank0 + rank1 for row in batch["image"]]
+    assert len(set(pictures)) == 64, "the ranks' batches are all different renders"
+    for ahead, again in zip(rank0[2:], resumed, strict=True):
+        assert (ahead["image"] == again["image"]).all() and list(ahead["key"]) == list(again["key"])

@@ -322,8 +322,8 @@ class SynthStreamConfig(StrictModel):
     class_set: str = Field(default="train", description="graph class set whose classes are rendered")
     max_classes: int | None = Field(default=None, ge=1, description="spread this many classes over the looks")
     seed: int = 0
-    render_cpus: float = Field(default=0.5, gt=0, description="CPUs of each Ray Data rendering task")
-    render_tasks: int = Field(default=1, ge=1, description="rendering tasks running at once")
+    render_cpus: float = Field(default=0.5, gt=0, description="CPUs of each renderer actor")
+    render_tasks: int = Field(default=1, ge=1, description="renderer actors, shared by the training workers")
 
 
 class TrainJobConfig(StrictModel):
