@@ -81,3 +81,24 @@ def test_a_stale_pid_file_is_not_a_running_server(tmp_path: Path) -> None:
     pid_file.write_text(finished.stdout.strip())  # a process that has exited
     assert daemon.running_pid(pid_file) is None
     assert daemon.stop(pid_file, timeout=1) is None and not pid_file.exists()
+
+
+def test_the_server_folder_and_what_the_server_writes_are_private(tmp_path: Path) -> None:
+    folder = tmp_path / "server"
+    folder.mkdir(mode=0o755)
+    folder.chmod(0o755)
+    pid_file, data = folder / "server.pid", folder / "data" / "store.bin"
+    code = (f"import os, time\nos.makedirs({str(data.parent)!r})\nopen({str(data)!r}, 'w').write('x')\n"
+            f"open({str(pid_file)!r}, 'w').write(str(os.getpid()))\nwhile True: time.sleep(0.1)\n")
+    old_umask = os.umask(0o022)  # the caller's umask would let others read: the server's must not
+    try:
+        _, pid = daemon.start([sys.executable, "-c", code], folder / "server.log", _ready(pid_file),
+                              what="test server", error=StartError, timeout=30, poll=0.05)
+    finally:
+        os.umask(old_umask)
+    try:
+        modes = {path.relative_to(folder).as_posix(): path.stat().st_mode & 0o777 for path in folder.rglob("*")}
+        assert folder.stat().st_mode & 0o777 == 0o700
+        assert modes == {"server.log": 0o600, "server.pid": 0o600, "data": 0o700, "data/store.bin": 0o600}
+    finally:
+        daemon.stop(pid_file, timeout=10)

@@ -40,13 +40,18 @@ def start(command: list[str], log_path: Path, ready: Callable[[int], T | None], 
     ``ready`` should check that the pid file holds ``pid`` (the process started here, not one started before or
     beside it) as well as that the server answers; ``is_ours`` does the first.
 
+    The server's folder (the log's) is private to the user: mode 0700, the log 0600, and the server runs with
+    umask 077, so its data, keys and logs are readable by no one else whatever the caller's umask.
+
     Raises ``error`` naming the log when the process exits first or is not ready within ``timeout`` seconds (it is
     then sent SIGTERM, with everything it started).
     """
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("ab") as log:
+    log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    log_path.parent.chmod(0o700)
+    with os.fdopen(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as log:
+        os.fchmod(log.fileno(), 0o600)
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True, **popen)
+                                   start_new_session=True, umask=0o077, **popen)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
