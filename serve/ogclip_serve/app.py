@@ -56,6 +56,7 @@ from ogclip_serve.schemas import (
     EmbeddingsRequest,
     EmbeddingsResponse,
     ErrorResponse,
+    ModelCard,
     ModelList,
     ReadyResponse,
 )
@@ -123,7 +124,7 @@ async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
 
 @app.exception_handler(RequestValidationError)
 async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-    return JSONResponse(BadRequest(_describe(exc.errors())).body(), status_code=422)
+    return JSONResponse(BadRequest(_describe(exc.errors())).body(), status_code=400)  # OpenAI answers 400 here
 
 
 @app.exception_handler(Exception)
@@ -174,7 +175,7 @@ class ClassifyOptions(BaseModel):
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
     for code, text in ((400, "bad input"), (401, "missing or wrong bearer token"), (404, "unknown class set, label "
-                       "or model"), (413, "too large"), (422, "invalid request"), (503, "overloaded or not ready"))
+                       "or model"), (413, "too large"), (503, "overloaded or not ready"))
 }
 
 _CLASSIFY_BODY = {"requestBody": {"required": True, "content": {
@@ -556,9 +557,19 @@ class OGClipClassifier:
     @app.get("/v1/models", response_model=ModelList, responses=_ERRORS, dependencies=[Depends(authorize)],
              summary="the served model (OpenAI-compatible listing)")
     async def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [self._model_card(model_id) for model_id in sorted(self.model_ids)]}
+
+    @app.get("/v1/models/{model_id}", response_model=ModelCard, responses=_ERRORS, dependencies=[Depends(authorize)],
+             summary="one served model (OpenAI-compatible)")
+    async def model(self, model_id: str) -> dict[str, Any]:
+        if model_id not in self.model_ids:
+            raise NotFound(f"model {model_id!r} is not served here; use one of {sorted(self.model_ids)}",
+                           param="model", code="model_not_found")
+        return self._model_card(model_id)
+
+    def _model_card(self, model_id: str) -> dict[str, Any]:
         created = int(self.bundle.path.joinpath("bundle.json").stat().st_mtime)
-        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created,
-                                            "owned_by": "ogclip"} for model_id in sorted(self.model_ids)]}
+        return {"id": model_id, "object": "model", "created": created, "owned_by": "ogclip"}
 
     @app.get("/v1/classes", response_model=ClassesResponse, responses=_ERRORS, dependencies=[Depends(authorize)],
              summary="served class sets; with ?class_set=NAME its members")

@@ -58,7 +58,7 @@ class NotFound(ServiceError):
 
 class Unauthorized(ServiceError):
     status = 401
-    type = "authentication_error"
+    type = "invalid_request_error"  # as OpenAI answers a missing or wrong key
     code = "invalid_api_key"
 
     def headers(self) -> dict[str, str] | None:

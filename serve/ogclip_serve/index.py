@@ -20,8 +20,11 @@ import numpy as np
 
 
 def _faiss() -> Any:
-    import faiss
-
+    try:
+        import faiss
+    except ImportError as exc:
+        raise ImportError("the class index needs faiss: install the project with its `cpu` extra (faiss-cpu) or its "
+                          "`gpu` extra (faiss-gpu), e.g. `pip install -e '.[cpu]'`") from exc
     return faiss
 
 
