@@ -128,3 +128,15 @@ def test_demo_runs_end_to_end(tmp_path: Path, kg_settings) -> None:
     assert label_report["config"]["prompts"] == "label"
     assert summary["eval"]["macc_label_prompts"] == label_report["macc"]
     ogclip.load_bundle(summary["train"]["bundle"], expected_version=version, device="cpu")
+
+
+def test_a_result_on_stdout_is_json_and_progress_goes_to_stderr(tmp_path: Path, kg_settings) -> None:
+    env = {**os.environ, "OGCLIP_HOME": str(kg_settings.home), "OGCLIP_KG_BOLT_PORT": str(kg_settings.kg_bolt_port),
+           "OGCLIP_KG_HTTP_PORT": str(kg_settings.kg_http_port)}
+    env.pop("OGCLIP_NEO4J_URI", None)
+    result = subprocess.run([*OGCLIP, "data", "synth", "--classes", "test", "--per-class", "1", "--max-classes", "3",
+                             "--image-size", "32", "--output-dir", str(tmp_path / "synth")], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout)["ingest"]["rows"] == 3  # `ogclip data synth … | jq .ingest.rows` works
+    assert "[ingest] done" in result.stderr

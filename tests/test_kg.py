@@ -198,6 +198,8 @@ def test_cli_as_a_new_user_types_it(kg_settings: Settings, graph: GraphStore) ->
     if graph.uri != server.bolt_uri(kg_settings):
         pytest.skip("the CLI test drives the embedded server")
     assert "running" in _cli(kg_settings, "up").stdout
+    state = json.loads(_cli(kg_settings, "status", "--json").stdout)
+    assert state["running"] and state["uri"] == server.bolt_uri(kg_settings)
     result = _cli(kg_settings, "query",
                   "MATCH (t:Target)-[:IS_A*]->(c:Category) RETURN t.name AS target, collect(c.name) AS path LIMIT 5")
     assert result.returncode == 0, result.stderr

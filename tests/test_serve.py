@@ -347,6 +347,9 @@ def test_cli_serve_status_and_refusals(tmp_path: Path) -> None:
     status = subprocess.run([sys.executable, "-m", "ogclip_jobs.cli", "serve", "status"], env=env,
                             capture_output=True, text=True, timeout=120)
     assert status.returncode == 0 and "stopped" in status.stdout
+    state = subprocess.run([sys.executable, "-m", "ogclip_jobs.cli", "serve", "status", "--json"], env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert json.loads(state.stdout) == {"running": False, "pid": None, "url": None, "ready": False}
     missing = tmp_path / "serve.yaml"
     missing.write_text(f"bundle: {tmp_path / 'no-bundle'}\n")
     up = subprocess.run([sys.executable, "-m", "ogclip_jobs.cli", "serve", "up", "--config", str(missing)], env=env,
@@ -382,6 +385,8 @@ def test_cli_serve_up_status_down(graph: GraphStore, kg_settings: Settings, worl
         assert again.returncode == 2 and "already running" in again.stderr
         status = cli("status")
         assert status.returncode == 0 and "running" in status.stdout and info.model_version in status.stdout
+        state = json.loads(cli("status", "--json").stdout)
+        assert state["running"] and state["ready"] and state["readyz"]["model_version"] == info.model_version
         headers = {"Authorization": f"Bearer {token_file.read_text().strip()}"}
         (_, image, _), = renders(world.test_rows, 1)
         response = requests.post(f"http://127.0.0.1:{port}/v1/classify", headers=headers, timeout=60,
@@ -543,9 +548,18 @@ def test_embeddings_through_the_openai_client(service: Service, world: World,
         client.embeddings.create(model="og-clip-tiny", input="x", dimensions=100)
     with pytest.raises(openai.NotFoundError, match="not served here"):
         client.embeddings.create(model="text-embedding-3-small", input="x")
-    with pytest.raises(openai.AuthenticationError):
+    with pytest.raises(openai.AuthenticationError) as refused:
         openai.OpenAI(base_url=service.url + "/v1", api_key="wrong", max_retries=0).embeddings.create(
             model="og-clip-tiny", input="x")
+    assert refused.value.body["type"] == "invalid_request_error" and refused.value.code == "invalid_api_key"
+    with pytest.raises(openai.BadRequestError, match="input"):  # a schema error is a 400, as OpenAI answers it
+        client.embeddings.create(model="og-clip-tiny", input=[{"not": "text"}])  # type: ignore[list-item]
+    with pytest.raises(openai.BadRequestError, match="token arrays are not supported"):
+        client.embeddings.create(model="og-clip-tiny", input=[[101, 2023]])
+    assert {card.id for card in client.models.list()} == {"og-clip-tiny", info.model_version}
+    assert client.models.retrieve(info.model_version).id == info.model_version
+    with pytest.raises(openai.NotFoundError, match="not served here"):
+        client.models.retrieve("gpt-4o")
 
 
 @pytest.mark.slow
@@ -566,8 +580,8 @@ def test_every_bad_input_is_a_clear_4xx_and_the_replicas_survive(service: Servic
         ("unsupported dim", {"images": [{"image": good}], "dim": 100}, 400, "unsupported dim 100"),
         ("too many images", {"images": [{"image": good}] * 9}, 400, "too many images: 9 > 8"),
         ("top_k", {"images": [{"image": good}], "top_k": 1000}, 400, "top_k"),
-        ("unknown field", {"images": [{"image": good}], "colour": "red"}, 422, "colour"),
-        ("no images", {"images": []}, 422, "images"),
+        ("unknown field", {"images": [{"image": good}], "colour": "red"}, 400, "colour"),
+        ("no images", {"images": []}, 400, "images"),
         ("labels and set", {"images": [{"image": good}], "labels": ["x"], "class_set": "test"}, 400, "not both"),
     ]
     for name, payload, status, message in cases:
@@ -622,7 +636,7 @@ def test_every_bad_input_is_a_clear_4xx_and_the_replicas_survive(service: Servic
         ("deep embeddings", "/v1/embeddings", (embed + "[" * 100_000).encode(), 400, "nests too deeply"),
         ("deep closed embeddings", "/v1/embeddings", (embed + "[" * 100_000 + "]" * 100_000 + "}").encode(), 400,
          "nests too deeply"),
-        ("deep within the parser's limit", "/v1/embeddings", (embed + "[" * 40 + "]" * 40 + "}").encode(), 422,
+        ("deep within the parser's limit", "/v1/embeddings", (embed + "[" * 40 + "]" * 40 + "}").encode(), 400,
          "input"),
         ("UTF-16", "/v1/embeddings", (embed + '"x"}').encode("utf-16"), 400, "not valid UTF-8"),
     ]
@@ -632,7 +646,7 @@ def test_every_bad_input_is_a_clear_4xx_and_the_replicas_survive(service: Servic
         assert response.status_code == status, (name, response.text[:300])
         assert message in assert_error_body(response)["message"], (name, response.text[:300])
     response = classify(service, [{"image": good, "box": ["inf", 0, 5, 5]}])  # a string pydantic would read as inf
-    assert response.status_code == 422 and "finite" in assert_error_body(response)["message"], response.text
+    assert response.status_code == 400 and "finite" in assert_error_body(response)["message"], response.text
     response = service.post("/v1/classify", files=[("image", ("a.png", png(image), "image/png"))],
                             data={"box": "0,0,inf,5"})
     assert response.status_code == 400 and "x0,y0,x1,y1" in assert_error_body(response)["message"], response.text

@@ -333,3 +333,19 @@ def test_submit_refuses_bad_input_without_a_cluster(capsys: pytest.CaptureFixtur
     assert "NAME=VALUE" in capsys.readouterr().err
     assert main(["submit", "--address", "http://127.0.0.1:9"]) == 2
     assert "no command" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("environ", "expected"), [
+    ({}, "http://127.0.0.1:8265"),
+    ({"RAY_ADDRESS": "http://head:8265"}, "http://head:8265"),
+    ({"RAY_ADDRESS": "http://head:8265", "RAY_API_SERVER_ADDRESS": "https://jobs:443"}, "https://jobs:443"),
+])
+def test_submit_address_falls_back_as_ray_does(monkeypatch: pytest.MonkeyPatch, environ: dict[str, str],
+                                               expected: str) -> None:
+    from ogclip_jobs.cli import build_parser
+
+    for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    assert build_parser().parse_args(["submit", "--", "models"]).address == expected

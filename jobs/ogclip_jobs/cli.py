@@ -42,6 +42,11 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _progress(line: str) -> None:
+    """Progress of a command whose result is JSON on stdout goes to stderr, so the result can be piped."""
+    print(line, file=sys.stderr, flush=True)
+
+
 def _positive_int(text: str) -> int:
     """argparse type of ``--steps``: a whole number above zero."""
     try:
@@ -87,7 +92,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.steps is not None:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": args.steps})})
     _known_model(cfg.model, args.config)
-    _, summary = run_training(cfg)
+    _, summary = run_training(cfg, log=_progress)
     print(json.dumps(summary, indent=2, default=str))
     return 0
 
@@ -130,7 +135,8 @@ def _kg(args: argparse.Namespace) -> int:
                   "not the embedded one", file=sys.stderr)
             return 2
         action = {"up": server.up, "down": server.down, "status": server.status}[args.kg_command]
-        print(action(settings).describe())
+        state = action(settings)
+        print(json.dumps(state.as_dict()) if args.json else state.describe())
         return 0
     with GraphStore.from_settings(settings) as store:
         return _KG_COMMANDS[args.kg_command](store, args)
@@ -217,10 +223,10 @@ def _data(args: argparse.Namespace) -> int:
         source = SynthSourceConfig(class_set=args.classes, per_class=args.per_class, image_size=args.image_size,
                                    seed=args.seed, max_classes=args.max_classes)
         cfg = DataPipelineConfig(output_dir=args.output_dir, source=source)
-        records = run_pipeline(cfg, only="ingest")
+        records = run_pipeline(cfg, only="ingest", log=_progress)
     else:
         cfg = load_yaml_config(args.config, DataPipelineConfig) if args.config else DataPipelineConfig()
-        records = run_pipeline(cfg, only=args.stage)
+        records = run_pipeline(cfg, only=args.stage, log=_progress)
     print(json.dumps(records, indent=2))
     return 0
 
@@ -233,6 +239,8 @@ def _serve(args: argparse.Namespace) -> int:
     command = [sys.executable, "-m", "ogclip_serve.server", args.serve_command]
     if args.serve_command == "up":
         command += ["--config", str(args.config)]
+    if getattr(args, "json", False):
+        command.append("--json")
     return subprocess.call(command)
 
 
@@ -298,9 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
     kg = commands.add_parser("kg", help="the knowledge graph: embedded server, seed, queries, checks, prompts")
     kg_commands = kg.add_subparsers(dest="kg_command", required=True, metavar="KG_COMMAND")
     kg.set_defaults(func=_kg)
-    kg_commands.add_parser("up", help="start the embedded graph server (ArcadeDB over Bolt on 127.0.0.1)")
-    kg_commands.add_parser("down", help="stop the embedded graph server")
-    kg_commands.add_parser("status", help="is the embedded graph server running")
+    for name, text in (("up", "start the embedded graph server (ArcadeDB over Bolt on 127.0.0.1)"),
+                       ("down", "stop the embedded graph server"), ("status", "is the embedded graph server running")):
+        kg_commands.add_parser(name, help=text).add_argument("--json", action="store_true",
+                                                             help="print the server's state as JSON")
     seed = kg_commands.add_parser("seed", help="load the real seed data and define the train/test class sets")
     seed.add_argument("--seed", type=int, default=0, help="class-set selection seed")
     seed.add_argument("--test-scale", type=float, default=1.0, help="scale of the paper's 51/29/19 test split")
@@ -331,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve_up = serve_commands.add_parser("up", help="start the service locally and wait until it is ready")
     serve_up.add_argument("--config", type=Path, default=Path("infra/serve/demo.yaml"), help="ServeConfig YAML")
     serve_commands.add_parser("down", help="stop the service")
-    serve_commands.add_parser("status", help="is the service running and ready")
+    serve_commands.add_parser("status", help="is the service running and ready").add_argument(
+        "--json", action="store_true", help="print the service's state as JSON")
 
     submit.add_parser(commands)
     return parser

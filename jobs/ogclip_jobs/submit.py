@@ -218,9 +218,10 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         "command; put the command after `--` if it has an option of the same name. The Ray token is read from "
         "RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token.")
     parser.add_argument("job", nargs="*", metavar="COMMAND", help="the ogclip command to run, e.g. data pipeline")
-    parser.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS") or "http://127.0.0.1:8265",
-                        help="the cluster's job server (dashboard) URL (default: $RAY_API_SERVER_ADDRESS or "
-                        "http://127.0.0.1:8265)")
+    parser.add_argument("--address", default=(os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+                                              or "http://127.0.0.1:8265"),
+                        help="the cluster's job server (dashboard) URL, or its GCS address (default, as Ray's own "
+                        "CLI: $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS, else http://127.0.0.1:8265)")
     parser.add_argument("--working-dir", type=Path, help="a local folder uploaded as the job's working_dir")
     parser.add_argument("--runtime-env", type=Path, help="a Ray runtime environment as a YAML or JSON file")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",

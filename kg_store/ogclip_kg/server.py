@@ -27,6 +27,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ogclip import daemon
 from ogclip.settings import Settings
@@ -52,6 +53,9 @@ class ServerStatus:
     def describe(self) -> str:
         state = f"running (pid {self.pid})" if self.running else "stopped"
         return f"embedded graph server {state} at {self.uri}, data in {self.data_dir}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"running": self.running, "pid": self.pid, "uri": self.uri, "data_dir": str(self.data_dir)}
 
 
 def bolt_uri(settings: Settings) -> str:

@@ -181,18 +181,29 @@ def down(settings: Settings, timeout: float = 120.0) -> str:
     return "classification service stopped" if pid is None else f"classification service (pid {pid}) stopped"
 
 
-def status(settings: Settings) -> str:
+def status(settings: Settings) -> dict[str, Any]:
+    """The service's state: running, pid, url, ready, and what ``/readyz`` says (or why it could not be asked)."""
     pid = _pid(settings)
     if pid is None:
-        return "classification service stopped"
-    state = json.loads((serve_dir(settings) / STATE_FILE).read_text())
+        return {"running": False, "pid": None, "url": None, "ready": False}
+    url = json.loads((serve_dir(settings) / STATE_FILE).read_text())["url"]
     try:
-        with urllib.request.urlopen(state["url"] + "/readyz", timeout=5) as response:
-            ready = json.loads(response.read())
-        health = f"ready: {ready['model_version']}, revision {ready['revision']}, classes {ready['classes']}"
+        with urllib.request.urlopen(url + "/readyz", timeout=5) as response:
+            return {"running": True, "pid": pid, "url": url, "ready": True, "readyz": json.loads(response.read())}
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        health = f"not ready ({exc})"
-    return f"classification service running (pid {pid}) at {state['url']}/, {health}"
+        return {"running": True, "pid": pid, "url": url, "ready": False, "error": str(exc)}
+
+
+def describe(state: dict[str, Any]) -> str:
+    """:func:`status` as one line."""
+    if not state["running"]:
+        return "classification service stopped"
+    if state["ready"]:
+        ready = state["readyz"]
+        health = f"ready: {ready['model_version']}, revision {ready['revision']}, classes {ready['classes']}"
+    else:
+        health = f"not ready ({state['error']})"
+    return f"classification service running (pid {state['pid']}) at {state['url']}/, {health}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         command = commands.add_parser(name, help=text)
         command.add_argument("--config", type=Path, required=True, help="ServeConfig YAML, e.g. infra/serve/demo.yaml")
     commands.add_parser("down", help="stop the service")
-    commands.add_parser("status", help="is the service running and ready")
+    commands.add_parser("status", help="is the service running and ready").add_argument(
+        "--json", action="store_true", help="print the service's state as JSON")
     args = parser.parse_args(argv)
     settings = Settings()
     try:
@@ -218,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "down":
             print(down(settings))
         else:
-            print(status(settings))
+            state = status(settings)
+            print(json.dumps(state) if args.json else describe(state))
     except (ServeError, ValueError, KeyError, OSError, RuntimeError) as exc:
         print(f"ogclip serve {args.command}: error: {exc}", file=sys.stderr)
         return 2
