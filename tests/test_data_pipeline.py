@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -227,7 +228,8 @@ def test_pipeline_resumes_after_being_killed_mid_stage(tmp_path: Path, kg_settin
 
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stderr[-2000:]
-    assert "[ingest] already done" in finished.stdout and "[masks] done" in finished.stdout
+    assert "[ingest] already done" in finished.stderr and "[masks] done" in finished.stderr  # progress: stderr
+    assert json.loads(finished.stdout)["masks"]["rows"] == 16  # the result: JSON on stdout
     rows = ray.data.read_parquet(str(out / "stages" / "shards" / "parquet")).select_columns(["id"]).take_all()
     ids = [r["id"] for r in rows]
     assert len(ids) == 16 and len(set(ids)) == 16
@@ -348,3 +350,19 @@ def test_a_stage_that_writes_an_id_twice_fails(tmp_path: Path) -> None:
 
     pq.write_table(pa.table({"id": ["a", "b", "a", "a"]}), tmp_path / "part-0.parquet")
     assert _repeated_ids(tmp_path) == ["a", "a"]
+
+
+def test_webdataset_keys_keep_every_id_apart(tmp_path: Path) -> None:
+    """Ids that differ only in a dot, a slash or an underscore keep distinct sample keys that decode back."""
+    import urllib.parse
+
+    from ogclip_jobs.data.pipeline import _TarWriter
+
+    ids = ["a/b.png", "a_b_png", "a.b/png", "a%2Eb"]
+    blank = [None] * len(ids)
+    written = _TarWriter(str(tmp_path))({"id": ids, "image": [b"img"] * 4, "caption": ["c"] * 4, "mask": blank,
+                                         "label": ["l"] * 4, "class_name": ["n"] * 4, "super_category": ["s"] * 4,
+                                         "provenance": ["{}"] * 4})
+    with tarfile.open(written["tar"][0]) as tar:
+        keys = {name.split(".", 1)[0] for name in tar.getnames()}
+    assert len(keys) == 4 and {urllib.parse.unquote(k) for k in keys} == set(ids)

@@ -14,6 +14,7 @@ import json
 import shutil
 import tarfile
 import time
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -332,7 +333,9 @@ class _TarWriter:
         name = self.folder / f"shard-{stages.sha256(''.join(sorted(ids)).encode())[:12]}.tar"
         with tarfile.open(name, "w") as tar:
             for i, key in enumerate(ids):
-                safe = key.replace(".", "_").replace("/", "_")
+                # WebDataset's sample key is the member name up to its first dot, and a slash makes a folder:
+                # percent-encode both (and %) so that every id keeps a key of its own, decodable back to the id.
+                safe = urllib.parse.quote(key, safe="").replace(".", "%2E")
                 meta = {"id": key, "label": batch["label"][i], "class_name": batch["class_name"][i],
                         "super_category": batch["super_category"][i], "provenance": batch["provenance"][i]}
                 parts = {"png": bytes(batch["image"][i]), "txt": str(batch["caption"][i] or "").encode(),
