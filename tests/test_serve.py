@@ -355,6 +355,11 @@ def test_cli_serve_status_and_refusals(tmp_path: Path) -> None:
     up = subprocess.run([sys.executable, "-m", "ogclip_jobs.cli", "serve", "up", "--config", str(missing)], env=env,
                         capture_output=True, text=True, timeout=120)
     assert up.returncode == 2 and "does not exist" in up.stderr
+    # Without --config, the built-in defaults: the demo's bundle under ./outputs/demo, from any directory.
+    default = subprocess.run([sys.executable, "-m", "ogclip_jobs.cli", "serve", "up"], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=120)
+    assert default.returncode == 2 and "outputs/demo/train/og-clip-tiny-demo/bundle" in default.stderr, default.stderr
+    assert "Traceback" not in default.stderr
 
 
 @pytest.mark.slow

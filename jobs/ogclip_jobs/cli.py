@@ -237,7 +237,7 @@ def _serve(args: argparse.Namespace) -> int:
     import subprocess
 
     command = [sys.executable, "-m", "ogclip_serve.server", args.serve_command]
-    if args.serve_command == "up":
+    if args.serve_command == "up" and args.config is not None:
         command += ["--config", str(args.config)]
     if getattr(args, "json", False):
         command.append("--json")
@@ -338,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve_commands = serve.add_subparsers(dest="serve_command", required=True, metavar="SERVE_COMMAND")
     serve.set_defaults(func=_serve)
     serve_up = serve_commands.add_parser("up", help="start the service locally and wait until it is ready")
-    serve_up.add_argument("--config", type=Path, default=Path("infra/serve/demo.yaml"), help="ServeConfig YAML")
+    serve_up.add_argument("--config", type=Path, help="ServeConfig YAML, e.g. infra/serve/demo.yaml (default: "
+                          "built-in defaults, serving the demo's bundle under ./outputs/demo)")
     serve_commands.add_parser("down", help="stop the service")
     serve_commands.add_parser("status", help="is the service running and ready").add_argument(
         "--json", action="store_true", help="print the service's state as JSON")

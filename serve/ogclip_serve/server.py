@@ -154,14 +154,21 @@ def run(cfg: ServeConfig, settings: Settings) -> None:
         print("classification service stopped", flush=True)
 
 
-def up(config_path: Path, settings: Settings, timeout: float = 600.0) -> str:
+def load_config(config_path: Path | None) -> ServiceConfig:
+    """The service's config: a YAML file, or the built-in defaults (the demo's bundle under ./outputs/demo)."""
+    return load_yaml_config(config_path, ServiceConfig) if config_path is not None else ServiceConfig()
+
+
+def up(config_path: Path | None, settings: Settings, timeout: float = 600.0) -> str:
     """Start ``run`` detached and wait until the service is ready; returns a one-line description."""
-    cfg = load_yaml_config(config_path, ServiceConfig)
+    cfg = load_config(config_path)
     if _pid(settings) is not None:
         raise ServeError(f"a service is already running (pid {_pid(settings)}); `ogclip serve down` first")
     summary = preflight(cfg, settings)
     _, token_file = ensure_token(settings)
-    command = [sys.executable, "-m", "ogclip_serve.server", "run", "--config", str(Path(config_path).resolve())]
+    command = [sys.executable, "-m", "ogclip_serve.server", "run"]
+    if config_path is not None:
+        command += ["--config", str(Path(config_path).resolve())]
     pid_file = serve_dir(settings) / PID_FILE  # written by `run` once its app is deployed
 
     def ready(pid: int) -> dict[str, Any] | None:
@@ -213,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
                        ("run", "run the service in the foreground"),
                        ("render", "print the Ray Serve config for `serve deploy` / a RayService")):
         command = commands.add_parser(name, help=text)
-        command.add_argument("--config", type=Path, required=True, help="ServeConfig YAML, e.g. infra/serve/demo.yaml")
+        command.add_argument("--config", type=Path, help="ServeConfig YAML, e.g. infra/serve/demo.yaml (default: "
+                             "built-in defaults, serving the demo's bundle under ./outputs/demo)")
     commands.add_parser("down", help="stop the service")
     commands.add_parser("status", help="is the service running and ready").add_argument(
         "--json", action="store_true", help="print the service's state as JSON")
@@ -223,9 +231,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "up":
             print(up(args.config, settings))
         elif args.command == "run":
-            run(load_yaml_config(args.config, ServiceConfig), settings)
+            run(load_config(args.config), settings)
         elif args.command == "render":
-            print(yaml.safe_dump(deploy_config(load_yaml_config(args.config, ServiceConfig)), sort_keys=False),
+            print(yaml.safe_dump(deploy_config(load_config(args.config)), sort_keys=False),
                   end="")
         elif args.command == "down":
             print(down(settings))
