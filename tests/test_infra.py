@@ -532,13 +532,6 @@ SCHEMA_BREAKS: list[tuple[str, Callable[[], dict], str]] = [
 ]
 
 
-@pytest.mark.parametrize(("break_", "expected"), [(b, e) for _, b, e in SCHEMA_BREAKS],
-                         ids=[what for what, _, _ in SCHEMA_BREAKS])
-def test_the_crd_schema_refuses(break_: Callable[[], dict], expected: str) -> None:
-    errors = crd_errors(break_())
-    assert any(expected in error for error in errors), errors
-
-
 def test_int_or_string_takes_an_integer_or_a_string() -> None:
     """Quantities and ports are int-or-string: `cpu: 8`, `cpu: "8"`, `cpu: 500m` and `port: dashboard` all pass."""
     for cpu in (8, "8", "500m", "7.5"):
@@ -640,10 +633,16 @@ OPERATOR_BREAKS: list[tuple[str, Callable[[], dict], str]] = [
 ]
 
 
-@pytest.mark.parametrize(("break_", "expected"), [(b, e) for _, b, e in OPERATOR_BREAKS],
-                         ids=[what for what, _, _ in OPERATOR_BREAKS])
-def test_the_operator_rules_refuse(break_: Callable[[], dict], expected: str) -> None:
-    errors = kuberay_operator_errors(break_())
+BREAKS = [(f"crd: {what}", crd_errors, b, e) for what, b, e in SCHEMA_BREAKS] + [
+    (f"operator: {what}", kuberay_operator_errors, b, e) for what, b, e in OPERATOR_BREAKS]
+
+
+@pytest.mark.parametrize(("check", "break_", "expected"), [case[1:] for case in BREAKS],
+                         ids=[case[0] for case in BREAKS])
+def test_a_broken_manifest_is_refused(check: Callable[[dict], list[str]], break_: Callable[[], dict],
+                                      expected: str) -> None:
+    """Each break is refused by its checker (the CRD schema, or the operator's own rules) with the expected message."""
+    errors = check(break_())
     assert any(expected in error for error in errors), errors
 
 

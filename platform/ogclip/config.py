@@ -310,7 +310,7 @@ PromptMode = Literal["kg", "label"]
 
 
 class SynthStreamConfig(StrictModel):
-    """Training data rendered on the fly from the synthetic world, through Ray Data, instead of stored shards.
+    """Training data rendered on the fly from the synthetic world by Ray actors, instead of stored shards.
 
     The world is infinite: every training sample is a fresh render at the model's input size (a random class of
     ``class_set``, a random pose, scale, background and lighting), so the image tower never sees the same picture
@@ -324,6 +324,11 @@ class SynthStreamConfig(StrictModel):
     seed: int = 0
     render_cpus: float = Field(default=0.5, gt=0, description="CPUs of each renderer actor")
     render_tasks: int = Field(default=1, ge=1, description="renderer actors, shared by the training workers")
+    prefetch: int | None = Field(
+        default=None, ge=1,
+        description="batches each worker keeps requested from the renderers (default 2 per renderer): the one the "
+                    "next step waits for plus those rendered while a step runs; 1 renders only between steps, for "
+                    "a machine whose cores the step already uses")
 
 
 class TrainJobConfig(StrictModel):
