@@ -8,12 +8,21 @@
 * for scale, the same load on a Serve endpoint that only reads the body and answers: the HTTP + Serve floor of
   this machine, which no model service can go below.
 
+``--overload CLIENTS`` measures admission control instead: CLIENTS clients, each sending its next request as soon as
+the last one is answered, for ``--seconds`` against one replica of the service's default deployment (one 512-px
+image + mask per request), with ``/readyz`` asked every 0.5 s meanwhile; with the latency budget on
+(``gateway.latency_budget_s``, default 2 s) and off (the baseline, same run), each with clients that wait a 503's
+``Retry-After`` (as OpenAI's client does) and with clients that send again at once: how many requests were
+admitted (200) and how long they took (p50/p99/max), how many were refused (503) and how fast, and how often
+readiness said ready.
+
 It starts an embedded graph server of its own (temporary folder, free ports), exports a fresh og-clip-tiny bundle
 and writes class embeddings (each class's label prompt through the bundle's own text tower) under its version, as
 the export step does. The HTTP client runs on the same machine as the service, so on a small machine it competes
 with it for the CPUs; figures from different machines are not comparable.
 
     python bench/serve.py [--classes 1000] [--requests 240] [--output outputs/bench/serve.json]
+    python bench/serve.py --overload 200 [--seconds 30]
 """
 
 from __future__ import annotations
@@ -75,6 +84,61 @@ async def _load(url: str, payload: dict[str, Any], concurrency: int, total: int)
     return result
 
 
+async def _flood(url: str, ready_url: str, payload: dict[str, Any], clients: int, seconds: float,
+                 backoff: bool) -> dict[str, Any]:
+    """``clients`` clients sending back to back for ``seconds``, and a readiness probe every 0.5 s meanwhile. With
+    ``backoff`` a client answered 503 waits its ``Retry-After`` before the next request, as OpenAI's client does."""
+    import aiohttp
+
+    answers: dict[int, list[float]] = {}
+    ready: list[int] = []
+    body = json.dumps(payload).encode()
+    headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    stop = time.perf_counter() + seconds
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        while time.perf_counter() < stop:
+            started = time.perf_counter()
+            wait = 0.0
+            try:
+                async with session.post(url, data=body, headers=headers) as r:
+                    await r.read()
+                    status = r.status
+                    if backoff and status == 503:
+                        wait = float(r.headers.get("Retry-After", 1))
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                status = 0  # no answer (connection refused or reset, or the client's 120 s timeout)
+            answers.setdefault(status, []).append((time.perf_counter() - started) * 1000)
+            await asyncio.sleep(wait)
+
+    async def probe(session: aiohttp.ClientSession) -> None:
+        while time.perf_counter() < stop:
+            try:
+                async with session.get(ready_url, timeout=aiohttp.ClientTimeout(total=5)) as r:
+                    await r.read()
+                    ready.append(r.status)
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                ready.append(0)
+            await asyncio.sleep(0.5)
+
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
+        started = time.perf_counter()
+        await asyncio.gather(probe(session), *(client(session) for _ in range(clients)))
+        wall = time.perf_counter() - started
+    admitted, refused = answers.pop(200, []), answers.pop(503, [])
+    result = {"clients": clients, "wall_s": wall, "admitted": len(admitted), "admitted_rps": len(admitted) / wall,
+              "refused": len(refused), "other": {str(k): len(v) for k, v in answers.items()},
+              "ready_checks": len(ready), "ready_ok": ready.count(200),
+              "ready_statuses": {str(k): ready.count(k) for k in sorted(set(ready))}}  # 0: no answer within 5 s
+    if admitted:
+        ordered = sorted(admitted)
+        result.update(_summary(ordered, wall), max_ms=ordered[-1])
+    if refused:
+        result["refused_p50_ms"] = statistics.median(refused)
+    return result
+
+
 def _noop_app() -> Any:
     """A Serve app that reads the request body and answers a small JSON: the cost of HTTP and Serve alone."""
     from ray import serve
@@ -88,15 +152,86 @@ def _noop_app() -> Any:
     return Noop.bind()
 
 
+def _start_serve(stack: ExitStack, home: Path, settings: Any) -> int:
+    """Local Ray Serve on a free port of 127.0.0.1, its replicas pointed at the benchmark's graph; returns the port."""
+    import ray
+    from ray import serve
+
+    from ogclip.settings import free_ports
+
+    (port,) = free_ports(1)
+    os.environ.update({"OGCLIP_HOME": str(home), "OGCLIP_KG_BOLT_PORT": str(settings.kg_bolt_port),
+                       "OGCLIP_KG_HTTP_PORT": str(settings.kg_http_port), "OGCLIP_API_TOKEN": TOKEN})
+    os.environ.pop("OGCLIP_NEO4J_URI", None)
+    # Up to three apps of one 1-CPU replica each; they are loaded one at a time, so Ray may count three CPUs here.
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    stack.callback(ray.shutdown)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    stack.callback(serve.shutdown)
+    return port
+
+
+def overload(stack: ExitStack, home: Path, settings: Any, base: Any, clients: int, seconds: float) -> dict[str, Any]:
+    """Admission control under ``clients`` back-to-back clients: the latency budget on, then off (the baseline)."""
+    from ray import serve
+
+    from ogclip.config import ServeAutoscalingConfig
+    from ogclip.synth import TargetClass, render
+    from ogclip_jobs.data.images import png_bytes
+    from ogclip_serve.app import build_app
+    from ogclip_serve.config import service_config
+
+    sample = render(TargetClass("bench", "military aircraft", "swept wing", "grey"), seed=0, size=512)
+    payload = {"images": [{"image": base64.b64encode(png_bytes(sample.image)).decode(),
+                           "mask": base64.b64encode(png_bytes(sample.mask)).decode()}],
+               "class_set": CLASS_SET, "top_k": 5}
+    port = _start_serve(stack, home, settings)
+    cfg = service_config(base)
+    one_replica = cfg.deployment.model_copy(update={"autoscaling": ServeAutoscalingConfig(min_replicas=1,
+                                                                                          max_replicas=1)})
+    budget = cfg.gateway.latency_budget_s
+    report: dict[str, Any] = {}
+    for name, app_budget in ((f"budget {budget:g} s", budget), ("no budget (baseline)", None)):
+        route = "/budget" if app_budget else "/no-budget"
+        app = cfg.model_copy(update={"app_name": route[1:], "port": port, "deployment": one_replica.model_copy(
+            update={"name": f"classifier-{route[1:]}"}), "gateway": cfg.gateway.model_copy(
+            update={"latency_budget_s": app_budget})})
+        serve.run(build_app(app), name=route[1:], route_prefix=route)
+        url = f"http://127.0.0.1:{port}{route}"
+        asyncio.run(_load(f"{url}/v1/classify", payload, 4, 40))  # warm-up
+        for clients_do in ("honour Retry-After", "re-send at once"):
+            report[f"{name}, {clients_do}"] = asyncio.run(_flood(
+                f"{url}/v1/classify", f"{url}/readyz", payload, clients, seconds, clients_do.startswith("honour")))
+        serve.delete(route[1:])
+    print(f"\nPOST /v1/classify, one 512-px image + mask, {clients} clients for {seconds:.0f} s, each sending its "
+          f"next request when the last is answered; one replica ({cfg.deployment.max_ongoing_requests} at once, "
+          f"{cfg.deployment.max_queued_requests} queued):")
+    print(f"{'':<44}{'admitted':>9}{'req/s':>7}{'p50 ms':>8}{'p99 ms':>8}{'max ms':>8}{'503s':>7}{'503 p50':>8}"
+          f"{'other':>6}{'ready':>9}")
+    for name, r in report.items():
+        print(f"{name:<44}{r['admitted']:>9}{r['admitted_rps']:>7.1f}{r.get('p50_ms', 0):>8.0f}"
+              f"{r.get('p99_ms', 0):>8.0f}{r.get('max_ms', 0):>8.0f}{r['refused']:>7}{r.get('refused_p50_ms', 0):>8.0f}"
+              f"{sum(r['other'].values()):>6}{r['ready_ok']:>5}/{r['ready_checks']:<3}")
+    for clients_do in ("honour Retry-After", "re-send at once"):
+        on, off = report[f"budget {budget:g} s, {clients_do}"], report[f"no budget (baseline), {clients_do}"]
+        if on.get("p99_ms") and off.get("p99_ms"):
+            print(f"clients that {clients_do}: admitted p99 with the budget / without "
+                  f"{on['p99_ms'] / off['p99_ms']:.2f},"
+                  f" admitted req/s {on['admitted_rps'] / max(off['admitted_rps'], 1e-9):.2f}")
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--classes", type=int, default=1000, help="classes in the served class set")
     parser.add_argument("--search-classes", type=int, default=10000, help="classes of the larger search benchmark")
     parser.add_argument("--requests", type=int, default=240, help="requests per concurrency level and mode")
     parser.add_argument("--output", type=Path, default=Path("outputs/bench/serve.json"))
+    parser.add_argument("--overload", type=int, metavar="CLIENTS",
+                        help="measure admission control under this many clients instead (see above)")
+    parser.add_argument("--seconds", type=float, default=30.0, help="how long the --overload clients send")
     args = parser.parse_args()
 
-    import ray
     from ray import serve
 
     from ogclip.bundle import export_bundle
@@ -152,10 +287,14 @@ def main() -> None:
         payload = {"images": [{"image": base64.b64encode(png_bytes(sample.image)).decode(),
                                "mask": base64.b64encode(png_bytes(sample.mask)).decode()}],
                    "class_set": CLASS_SET, "top_k": 5}
+        base = ServeConfig(bundle=bundle.path, classes=ServeClassesConfig(class_sets=[CLASS_SET]))
+
+        if args.overload:
+            report["overload"] = overload(stack, home, settings, base, args.overload, args.seconds)
+            _write(report, args.output.with_name(f"{args.output.stem}-overload.json"))
+            return
 
         # -- direct in-process calls: the same steps a replica runs, without HTTP and Serve -------------------------
-        classes_cfg = ServeClassesConfig(class_sets=[CLASS_SET])
-        base = ServeConfig(bundle=bundle.path, classes=classes_cfg)
         transform = image_mask_transform(bundle.preprocess)
         index = VectorIndex(vectors.numpy(), model.dims)
         logit_scale = float(model.logit_scale.detach().exp().clamp(max=100))
@@ -209,15 +348,7 @@ def main() -> None:
         torch.set_num_threads(os.cpu_count() or 1)
 
         # -- the service: batching on and off, one replica each -----------------------------------------------------
-        (port,) = free_ports(1)
-        os.environ.update({"OGCLIP_HOME": str(home), "OGCLIP_KG_BOLT_PORT": str(settings.kg_bolt_port),
-                           "OGCLIP_KG_HTTP_PORT": str(settings.kg_http_port), "OGCLIP_API_TOKEN": TOKEN})
-        os.environ.pop("OGCLIP_NEO4J_URI", None)
-        # Three apps of one 1-CPU replica each; they are loaded one at a time, so Ray may count three CPUs here.
-        ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
-        stack.callback(ray.shutdown)
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        stack.callback(serve.shutdown)
+        port = _start_serve(stack, home, settings)
         deployment = ServeDeploymentConfig(num_cpus=1.0, autoscaling=ServeAutoscalingConfig(min_replicas=1,
                                            max_replicas=1), max_ongoing_requests=64, max_queued_requests=512)
         modes = {"batched": ServeBatchingConfig(enabled=True, max_batch_size=32, batch_wait_timeout_s=0.005),
@@ -258,9 +389,13 @@ def main() -> None:
         print(f"  {count} classes: " + "  ".join(
             f"d={dim}: {r['top5_us_per_query']:.0f}/{r['all_us_per_query']:.0f}/{r['batch256_top5_us_per_query']:.1f}"
             for dim, r in per_dim.items()))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2, default=str))
-    print(f"\nwritten to {args.output}")
+    _write(report, args.output)
+
+
+def _write(report: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, default=str))
+    print(f"\nwritten to {path}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import subprocess
 import sys
@@ -102,3 +103,66 @@ def test_the_server_folder_and_what_the_server_writes_are_private(tmp_path: Path
         assert modes == {"server.log": 0o600, "server.pid": 0o600, "data": 0o700, "data/store.bin": 0o600}
     finally:
         daemon.stop(pid_file, timeout=10)
+
+
+def _descendants(root: int) -> set[int]:
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    found, frontier = {root}, [root]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in found]
+        found.update(children)
+        frontier.extend(children)
+    return found
+
+
+def _listening_addresses(pids: set[int]) -> dict[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int], str]:
+    """The TCP sockets that ``pids`` listen on, as {(address, port): process name}, read from /proc."""
+    owners = {}
+    for pid in pids:
+        try:
+            name = Path(f"/proc/{pid}/comm").read_text().strip()
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    owners[target[8:-1]] = name
+        except OSError:
+            continue
+    listening = {}
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A" or fields[9] not in owners:  # 0A: LISTEN
+                continue
+            host, port = fields[1].split(":")
+            raw = bytes.fromhex(host)  # /proc prints the address as 32-bit words in host (little-endian) order
+            address = ipaddress.ip_address(b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4)))
+            listening[(address, int(port, 16))] = owners[fields[9]]
+    return listening
+
+
+def _loopback(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1, a dual-stack socket bound to loopback
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+@pytest.mark.slow
+def test_a_local_ray_listens_on_loopback_only() -> None:
+    # The job runtime's local Ray (GCS, raylet, workers, agents, metrics): nothing reachable from the network.
+    code = ("import sys, ray\nfrom ogclip_jobs.runtime import ensure_ray\nensure_ray(1)\n"
+            "ray.get(ray.remote(lambda: 1).remote())\nprint('ready', flush=True)\nsys.stdin.readline()\n")
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        listening = _listening_addresses(_descendants(child.pid))
+    finally:
+        child.communicate("\n", timeout=120)
+    assert {"gcs_server", "raylet"} <= set(listening.values()), listening  # the check sees Ray's servers
+    exposed = {f"{address}:{port}": name for (address, port), name in listening.items() if not _loopback(address)}
+    assert not exposed, f"listening beyond loopback: {exposed}"

@@ -8,6 +8,7 @@ tests check the numbers, not only the shapes.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -324,6 +325,62 @@ def test_gateway_resends_only_idempotent_requests_and_only_for_a_lost_replica() 
     assert response.status_code == 503 and response.headers["retry-after"] == "3"
     assert json.loads(response.body)["error"] == {"message": "try later", "type": "server_error", "param": None,
                                                   "code": "replica_lost"}
+
+
+def test_a_request_past_its_deadline_is_refused_before_any_work() -> None:
+    # The replica's app, called as the gateway calls it: the admission check answers before any route runs.
+    from ogclip_serve import app as service_app
+    from ogclip_serve.app import _STATE, Admission, _register
+    from ogclip_serve.transport import DEADLINE_KEY, Forwarded, run_asgi
+
+    admission = Admission(retry_after_s=3)
+    assert admission.refusal(None) is None and admission.refusal(time.time() + 5) is None
+    admission.served(2.0)  # requests take 0.2 s now (a moving average)
+    assert admission.expected_s == pytest.approx(0.2)
+    assert admission.refusal(time.time() + 0.1) is not None and admission.refusal(time.time() + 1.0) is None
+
+    seen: dict[str, Any] = {}
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        seen["deadline"] = scope[DEADLINE_KEY]
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/classify", "raw_path": b"/v1/classify",
+             "root_path": "", "query_string": b"", "headers": [], "http_version": "1.1", "scheme": "http"}
+    assert asyncio.run(run_asgi(app, Forwarded(scope=scope, body=b"{}", deadline=12.5))).status == 204
+    assert seen["deadline"] == 12.5  # the deadline reaches the app in its scope
+
+    previous = (_STATE.auth, _STATE.metrics, _STATE.admission)
+    _register(None, None, Admission(retry_after_s=3))  # type: ignore[arg-type]
+    try:
+        late = asyncio.run(run_asgi(service_app.app, Forwarded(scope=scope, body=b"{}", deadline=time.time() - 1)))
+    finally:
+        _register(*previous)  # type: ignore[arg-type]
+    assert late.status == 503 and dict(late.headers)[b"retry-after"] == b"3"
+    assert json.loads(late.body)["error"]["code"] == "overloaded"
+
+
+def test_the_gateway_admits_what_the_replicas_answer_within_the_budget() -> None:
+    from ogclip_serve.gateway import ConcurrencyLimit
+
+    limit = ConcurrencyLimit(budget_s=2.0, ceiling=80)
+    assert limit.admits(79) and not limit.admits(80)
+    for _ in range(30):  # answers that take 1.5 s use more than the gateway's half of the budget
+        limit.answered(1.5)
+    assert 1 <= limit.limit < 5 and not limit.admits(5)
+    for _ in range(100):
+        limit.answered(1.5)
+    assert limit.limit == 1.0 and limit.admits(0) and not limit.admits(1)
+    for _ in range(40):  # fast answers: the limit grows back, one per answer, up to what the replicas can hold
+        limit.answered(0.05)
+    assert limit.limit == 41.0
+    for _ in range(100):
+        limit.answered(0.05)
+    assert limit.limit == 80.0
+    unbounded = ConcurrencyLimit(budget_s=None, ceiling=80)
+    unbounded.answered(60.0)
+    assert unbounded.limit == 80.0
 
 
 def test_auth_policy_needs_a_token_outside_local_mode() -> None:
@@ -900,13 +957,19 @@ def test_overload_is_refused_with_503_not_queued(service: Service, world: World)
                                     headers={"Authorization": f"Bearer {TOKEN}"})
             statuses[response.status_code] += 1
 
+    assert service.get("/readyz", token=None).status_code == 200
     threads = [threading.Thread(target=burst) for _ in range(40)]
     for thread in threads:
         thread.start()
+    probes = []  # busy is not unready: liveness and readiness hold while the replicas shed load
+    while any(thread.is_alive() for thread in threads):
+        probes += [service.get(path, token=None).status_code for path in ("/healthz", "/readyz")]
+        time.sleep(0.2)
     for thread in threads:
         thread.join()
-    print(f"burst of 40 requests on 2 replicas × (4 ongoing + 4 queued): {dict(statuses)}")
+    print(f"burst of 40 requests on 2 replicas × (4 ongoing + 4 queued): {dict(statuses)}; probes {Counter(probes)}")
     assert set(statuses) <= {200, 503} and statuses[503] > 0 and statuses[200] > 0, statuses
+    assert probes and set(probes) == {200}, Counter(probes)
     assert classify(service, images[:1]).status_code == 200
 
 

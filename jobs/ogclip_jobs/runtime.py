@@ -13,7 +13,7 @@ import sys
 
 import ray
 
-from ogclip.settings import get_settings
+from ogclip.settings import get_settings, keep_local_ray_on_loopback
 from ogclip_kg.store import GraphStore
 
 # Ray loggers that report routine progress on the driver; a job shows their warnings only when verbose.
@@ -27,7 +27,8 @@ def verbose() -> bool:
 
 def ensure_ray(num_cpus: int | None = None) -> None:
     """Join the cluster named by ``RAY_ADDRESS`` (set by ``ray job submit``), else start a local Ray of this process
-    (``address="local"``: a ``ray start`` cluster elsewhere on the machine is not joined by accident)."""
+    (``address="local"``: a ``ray start`` cluster elsewhere on the machine is not joined by accident), whose servers
+    listen on 127.0.0.1 only."""
     if ray.is_initialized():
         return
     loud = verbose()
@@ -35,6 +36,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**quiet)
     else:
+        keep_local_ray_on_loopback()
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **quiet)
     if not loud:
         for name in _RAY_LOGGERS:

@@ -7,6 +7,7 @@ belongs to the machine or deployment: where data goes, which device, how to reac
 from __future__ import annotations
 
 import socket
+import sys
 from contextlib import ExitStack
 from functools import lru_cache
 from pathlib import Path
@@ -77,3 +78,22 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
         for sock in sockets:
             sock.bind((host, 0))
         return [sock.getsockname()[1] for sock in sockets]
+
+
+
+def keep_local_ray_on_loopback() -> None:
+    """Make the local Ray that this process is about to start (``ray.init(address="local")``, Ray imported already)
+    listen on 127.0.0.1 only.
+
+    By default Ray's GCS, raylet, workers, agents and metrics endpoints listen on every interface, and
+    ``ray.init(_node_ip_address="127.0.0.1")`` is turned back into the machine's address. A local Ray is never
+    joined from elsewhere, so none of it needs to be reachable from the network. This sets, for this process only,
+    Ray's own single-node switch (its default on macOS and Windows, ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``): the
+    node's address is then the loopback one, and every server Ray starts for the node binds it. The environment
+    is left alone, so ``ray start`` or a driver started from here can still join a cluster. Never call it before
+    joining a cluster: the driver must be reachable from the other nodes.
+    """
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is None:
+        raise RuntimeError("import ray before keep_local_ray_on_loopback(): it sets a switch of the imported Ray")
+    constants.ENABLE_RAY_CLUSTER = False

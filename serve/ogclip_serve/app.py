@@ -45,7 +45,15 @@ from ogclip import __version__
 from ogclip.config import ServeConfig, load_yaml_config
 from ogclip_serve.auth import AuthPolicy
 from ogclip_serve.config import ServiceConfig, service_config
-from ogclip_serve.errors import BadRequest, InternalError, NotFound, NotReady, PayloadTooLarge, ServiceError
+from ogclip_serve.errors import (
+    BadRequest,
+    InternalError,
+    NotFound,
+    NotReady,
+    PayloadTooLarge,
+    ServiceError,
+    Unavailable,
+)
 from ogclip_serve.index import ClassInfo, Snapshot, VectorIndex, normalise, scores
 from ogclip_serve.inputs import PreparedImage, RawImage, decode_base64, parse_json, prepare_all
 from ogclip_serve.metrics import endpoint_label
@@ -60,7 +68,7 @@ from ogclip_serve.schemas import (
     ModelList,
     ReadyResponse,
 )
-from ogclip_serve.transport import Answer, Forwarded, error_response, read_body, run_asgi
+from ogclip_serve.transport import DEADLINE_KEY, Answer, Forwarded, error_response, read_body, run_asgi
 
 log = logging.getLogger("ogclip_serve")
 
@@ -74,20 +82,45 @@ app = FastAPI(
 )
 
 
+class Admission:
+    """Load shedding by deadline: a request that would be answered after its deadline (set by the gateway from
+    ``gateway.latency_budget_s`` when the request arrived) is refused with 503 and ``Retry-After`` when it reaches
+    the replica's app, before any work, instead of being served late. How long a request takes from there is a
+    moving average of the admitted ones, so the check follows what requests cost now (their size, the batch, the
+    CPU), not a number in the config."""
+
+    def __init__(self, retry_after_s: int) -> None:
+        self.retry_after_s = retry_after_s
+        self.expected_s = 0.0
+
+    def refusal(self, deadline: float | None) -> Unavailable | None:
+        if deadline is None:
+            return None
+        late = time.time() + self.expected_s - deadline
+        if late <= 0:
+            return None
+        return Unavailable(f"the service is overloaded: this request would be answered {late:.2f} s after its "
+                           "latency budget; send it again later", retry_after=self.retry_after_s, code="overloaded")
+
+    def served(self, seconds: float) -> None:
+        self.expected_s += 0.1 * (seconds - self.expected_s)
+
+
 class _ReplicaState:
-    """What the app-level hooks (auth, metrics) need from the replica living in this process."""
+    """What the app-level hooks (auth, metrics, admission) need from the replica living in this process."""
 
     auth: AuthPolicy | None = None
     metrics: Any = None
+    admission: Admission | None = None
 
 
 _STATE = _ReplicaState()
 
 
-def _register(auth: AuthPolicy, metrics: Any) -> None:
+def _register(auth: AuthPolicy, metrics: Any, admission: Admission) -> None:
     # Serve pickles the deployment class by value, module globals included: a method that assigned to ``_STATE``
     # would change a copy. This function is pickled by reference, so it reaches the module's own ``_STATE``.
-    _STATE.auth, _STATE.metrics = auth, metrics
+    _STATE.auth, _STATE.metrics, _STATE.admission = auth, metrics, admission
 
 
 @contextmanager
@@ -107,7 +140,14 @@ def _guard(what: str) -> Iterator[None]:
 @app.middleware("http")
 async def _observe(request: Request, call_next: Any) -> Any:
     started = time.perf_counter()
-    response = await call_next(request)
+    admission = _STATE.admission
+    refusal = admission.refusal(request.scope.get(DEADLINE_KEY)) if admission is not None else None
+    if refusal is not None:
+        response = error_response(refusal)
+    else:
+        response = await call_next(request)
+        if admission is not None:
+            admission.served(time.perf_counter() - started)
     metrics = _STATE.metrics
     if metrics is not None:
         endpoint = endpoint_label(request.url.path)
@@ -312,7 +352,7 @@ class OGClipClassifier:
         self._text_batch.set_batch_wait_timeout_s(cfg.batching.batch_wait_timeout_s)
         self._stop = threading.Event()
         self._start_sync_thread()
-        _register(auth, self.metrics)
+        _register(auth, self.metrics, Admission(cfg.gateway.retry_after_s))
         log.info("replica ready: %s (%s), dims %s, revision %s, %s", self.bundle.model_version, self.bundle.name,
                  self.dims, self._snapshot.revision, {k: len(v.classes) for k, v in self._snapshot.class_sets.items()})
 
@@ -714,17 +754,16 @@ def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
 def gateway_options(cfg: ServiceConfig) -> dict[str, Any]:
     """Ray Serve deployment options of the gateway (the ingress).
 
-    It holds each request it has read until a replica answers, so it takes about as many at once as all replicas
-    can work on and queue (twice that, at least 64, so that the replicas' own back-pressure, not the gateway's,
-    decides what is refused, in the service's error format); its own queue is the classifier's.
+    It takes ``gateway.max_ongoing_requests`` at once, far more than the replicas can hold: a request costs it
+    almost nothing until it is admitted (its body is read only then), so its own admission, not Serve's proxy,
+    decides what is refused, quickly and in the service's error format; its own queue is the classifier's.
     """
     d, g = cfg.deployment, cfg.gateway
-    capacity = d.autoscaling.max_replicas * d.max_ongoing_requests + d.max_queued_requests
     return {
         "name": f"{d.name}Gateway",
         "num_replicas": g.replicas,
         "ray_actor_options": {"num_cpus": g.num_cpus},
-        "max_ongoing_requests": max(64, 2 * capacity),
+        "max_ongoing_requests": max(g.max_ongoing_requests, 2 * cfg.classifier_capacity),
         "max_queued_requests": d.max_queued_requests,
         "health_check_period_s": d.health_check_period_s,
         "logging_config": {"enable_access_log": d.access_log},

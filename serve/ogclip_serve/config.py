@@ -35,10 +35,23 @@ class GatewayConfig(StrictModel):
 
     replicas: int = Field(default=1, ge=1, description="gateway replicas (each is light: no model)")
     num_cpus: float = Field(default=0.1, ge=0, description="CPUs reserved per gateway replica")
+    max_ongoing_requests: int = Field(
+        default=1024, ge=1, description="requests one gateway replica holds at once (at least twice what the "
+        "classifier replicas can hold); each is light until admitted. Beyond it Serve's proxy queues requests and "
+        "then refuses them itself, as plain-text 503s")
     retries: int = Field(
         default=1, ge=0, description="re-sends of a request whose replica died (0: answer 503). Each re-send goes to "
         "another replica; more than one would let a request that kills its replica take down more of them")
     retry_after_s: int = Field(default=1, ge=0, description="the Retry-After of a 503 (seconds)")
+    latency_budget_s: float | None = Field(
+        default=2.0, gt=0, description="how long an admitted request may take from its arrival here: one that would "
+        "be answered later (it waited too long for a replica) is refused with 503 and Retry-After when it reaches "
+        "the replica, before any work; null: no budget, requests wait as long as the queues make them")
+    ready_timeout_s: float = Field(
+        default=1.0, gt=0, description="how long /readyz waits for a replica before it counts them as busy")
+    busy_ready_s: float = Field(
+        default=10.0, ge=0, description="while every replica is busy, /readyz stays ready (answering the last "
+        "readiness a replica gave) as long as a replica has answered a request within this many seconds")
 
 
 class ServiceConfig(ServeConfig):
@@ -46,6 +59,12 @@ class ServiceConfig(ServeConfig):
 
     limits: ServiceLimits = ServiceLimits()
     gateway: GatewayConfig = GatewayConfig()
+
+    @property
+    def classifier_capacity(self) -> int:
+        """How many requests the classifier replicas can work on and queue at most (all replicas up)."""
+        d = self.deployment
+        return d.autoscaling.max_replicas * d.max_ongoing_requests + d.max_queued_requests
 
 
 def service_config(value: ServeConfig | dict[str, Any]) -> ServiceConfig:

@@ -8,10 +8,19 @@ the replica dies first, an idempotent request (``POST /v1/classify``, ``POST /v1
 sent again, to another replica (Serve's router drops a dead replica at once), up to ``gateway.retries`` times;
 anything else, or a request whose retries are spent, is answered 503 with ``Retry-After``. Back-pressure (the
 replicas' queues full) is a 503 with ``Retry-After`` too, in the service's error format.
+
+Admission: each request carries the deadline its arrival sets (``gateway.latency_budget_s``); a replica refuses
+one that would be answered later (503, ``Retry-After``) before any work, so an admitted request's latency stays
+within the budget however long the queues are. ``/healthz`` is answered here (the HTTP path is alive, whatever the
+replicas' queues hold); ``/readyz`` asks a replica, and when every replica is too busy to answer it within
+``gateway.ready_timeout_s`` while they keep answering requests, answers the last readiness a replica gave: busy is
+not unready.
 """
 
 # No ``from __future__ import annotations``: Serve resolves the ``request`` annotation of ``__call__``.
+import asyncio
 import logging
+import math
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -21,7 +30,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 
 from ogclip_serve.auth import AuthPolicy
 from ogclip_serve.config import service_config
@@ -46,11 +55,37 @@ def replica_lost(exc: BaseException) -> bool:
     return isinstance(exc, RayTaskError) and isinstance(getattr(exc, "cause", None), RayActorError)
 
 
-def _api(request: Request) -> bool:
+def _route(request: Request) -> str:
+    """The request's path within the application (its route prefix removed)."""
     path, root = request.url.path, request.scope.get("root_path", "")
-    if root and path.startswith(root):
-        path = path[len(root):]
-    return path == "/v1" or path.startswith("/v1/")
+    return path[len(root):] if root and path.startswith(root) else path
+
+
+class ConcurrencyLimit:
+    """How many requests the gateway lets the replicas hold at once (working and queued), adapted to how fast they
+    answer: additive increase, multiplicative decrease on latency. An answer that took more than half the latency
+    budget from here (the other half is for what the gateway cannot see: Serve's HTTP proxy, the network; a
+    replica's refusal of a request as too late comes after such a wait too) shrinks the limit by a tenth; any other
+    answer grows it by one, up to ``ceiling`` (what the replicas can hold), so a limit cut by a burst is back within
+    as many fast answers. Under
+    overload the queue thus stays as long as the replicas can work off within the budget, and what is over it is
+    refused at once, before its body is read, instead of after a wait."""
+
+    def __init__(self, budget_s: float | None, ceiling: int) -> None:
+        self.target_s = None if budget_s is None else budget_s / 2
+        self.ceiling = float(ceiling)
+        self.limit = self.ceiling
+
+    def admits(self, in_flight: int) -> bool:
+        return in_flight < max(1, int(self.limit))
+
+    def answered(self, seconds: float) -> None:
+        if self.target_s is None:
+            return
+        if seconds > self.target_s:
+            self.limit = max(1.0, self.limit * 0.9)
+        else:
+            self.limit = min(self.ceiling, self.limit + 1.0)
 
 
 @serve.deployment
@@ -65,15 +100,26 @@ class OGClipGateway:
         self.classifier = classifier
         self.auth = AuthPolicy.from_settings(Settings(), cfg.host)
         self.metrics = ServiceMetrics()
+        self._ready: Answer | None = None  # the last 200 a replica gave to /readyz
+        self._answered_at = -math.inf  # time.monotonic() of a replica's last answer to any request
+        self._in_flight = 0  # requests handed to the replicas and not answered yet
+        self._limit = ConcurrencyLimit(cfg.gateway.latency_budget_s, cfg.classifier_capacity)
 
     async def __call__(self, request: Request) -> Response:
         started = time.perf_counter()
-        endpoint = endpoint_label(request.url.path)
+        budget = self.cfg.gateway.latency_budget_s
+        deadline = time.time() + budget if budget is not None else None
+        endpoint, route = endpoint_label(request.url.path), _route(request)
         try:
-            if _api(request):  # before the body is read: no buffering for anonymous clients
+            if route == "/healthz" and request.method == "GET":
+                return JSONResponse({"status": "ok"})
+            if route == "/v1" or route.startswith("/v1/"):  # before the body is read: no buffering for anonymous
                 self.auth.check(request.headers.get("authorization"))
+                self._admit()
             body = await read_body(request, self.cfg.limits.max_request_bytes)
-            answer = await self._send(forwardable(request, body), endpoint,
+            if route == "/readyz" and request.method == "GET":
+                return (await self._readiness(forwardable(request, body))).response()
+            answer = await self._send(forwardable(request, body, deadline), endpoint,
                                       idempotent(request.method, request.url.path))
             return answer.response()
         except ServiceError as exc:  # answered here: the replicas never saw it, so it is counted here
@@ -85,12 +131,26 @@ class OGClipGateway:
         self.metrics.error(endpoint, str(error.status))
         return error_response(error)
 
+    def _admit(self) -> None:
+        """Refuse a request before its body is read while the replicas already hold all they can answer within the
+        latency budget (:class:`ConcurrencyLimit`), or all they can hold at all."""
+        if not self._limit.admits(self._in_flight):
+            raise Unavailable(f"the service is at capacity ({self._in_flight} requests in progress or queued); "
+                              "send the request again later", retry_after=self.cfg.gateway.retry_after_s,
+                              code="overloaded")
+
     async def _send(self, request: Forwarded, endpoint: str, retry: bool) -> Answer:
         gateway = self.cfg.gateway
         attempts = 1 + (gateway.retries if retry else 0)
         for attempt in range(1, attempts + 1):
+            self._in_flight += 1
+            sent = time.perf_counter()
             try:
-                return await self.classifier.forward.remote(request)
+                answer = await self.classifier.forward.remote(request)
+                if answer.status < 500:
+                    self._answered_at = time.monotonic()
+                self._limit.answered(time.perf_counter() - sent)
+                return answer
             except BackPressureError as exc:
                 raise Unavailable(f"the service is at capacity ({exc}); send the request again later",
                                   retry_after=gateway.retry_after_s, code="overloaded") from exc
@@ -104,6 +164,26 @@ class OGClipGateway:
                             endpoint, type(exc).__name__, attempt, attempts)
                 if attempt < attempts:
                     self.metrics.retries.inc(tags={"endpoint": endpoint})
+            finally:
+                self._in_flight -= 1
         what = f"; it was sent {attempts} times" if attempts > 1 else " (it is not safe to send it again here)"
         raise Unavailable(f"the replica handling the request stopped before answering{what}; send it again",
                           retry_after=gateway.retry_after_s, code="replica_lost")
+
+    async def _readiness(self, request: Forwarded) -> Answer:
+        """A replica's /readyz answer; while every replica is busy but answering requests, the last one it gave."""
+        gateway = self.cfg.gateway
+        try:
+            answer = await asyncio.wait_for(self._send(request, "/readyz", retry=True), gateway.ready_timeout_s)
+        except (Unavailable, asyncio.TimeoutError) as exc:
+            busy = isinstance(exc, asyncio.TimeoutError) or exc.code == "overloaded"
+            serving = time.monotonic() - self._answered_at <= gateway.busy_ready_s
+            if busy and serving and self._ready is not None:
+                return self._ready
+            if isinstance(exc, Unavailable):
+                raise
+            raise Unavailable(f"no replica answered within {gateway.ready_timeout_s:g} s",
+                              retry_after=gateway.retry_after_s, code="overloaded") from exc
+        if answer.status == 200:
+            self._ready = answer
+        return answer

@@ -34,7 +34,7 @@ import yaml
 
 from ogclip import daemon
 from ogclip.config import ServeConfig, load_yaml_config
-from ogclip.settings import Settings
+from ogclip.settings import Settings, keep_local_ray_on_loopback
 from ogclip_serve.config import ServiceConfig
 
 PID_FILE, LOG_FILE, STATE_FILE, TOKEN_FILE = "server.pid", "server.log", "server.json", "token"
@@ -127,6 +127,7 @@ def run(cfg: ServeConfig, settings: Settings) -> None:
         os.environ["OGCLIP_API_TOKEN"] = token  # replicas are Ray workers of this process: they inherit it
     own_ray = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
     if own_ray:
+        keep_local_ray_on_loopback()
         ray.init(address="local", num_cpus=cfg.ray_num_cpus, include_dashboard=False,
                  _metrics_export_port=cfg.metrics_port)
     elif not ray.is_initialized():

@@ -25,12 +25,18 @@ SCOPE_KEYS = ("type", "asgi", "http_version", "scheme", "method", "root_path", "
               "headers", "client", "server")
 
 
+# Where the replica's app finds a request's deadline in its ASGI scope.
+DEADLINE_KEY = "ogclip.deadline"
+
+
 @dataclass(frozen=True)
 class Forwarded:
-    """One HTTP request, whole: what the replica's ASGI app is called with."""
+    """One HTTP request, whole: what the replica's ASGI app is called with, and when its answer is due (wall-clock
+    ``time.time()``; None: no latency budget)."""
 
     scope: dict[str, Any]
     body: bytes
+    deadline: float | None = None
 
 
 @dataclass(frozen=True)
@@ -47,13 +53,13 @@ class Answer:
         return response
 
 
-def forwardable(request: Request, body: bytes) -> Forwarded:
+def forwardable(request: Request, body: bytes, deadline: float | None = None) -> Forwarded:
     scope = {key: request.scope[key] for key in SCOPE_KEYS if key in request.scope}
     scope["headers"] = [(bytes(k), bytes(v)) for k, v in request.scope.get("headers", [])]
     for key in ("client", "server"):
         if scope.get(key) is not None:
             scope[key] = tuple(scope[key])
-    return Forwarded(scope=scope, body=body)
+    return Forwarded(scope=scope, body=body, deadline=deadline)
 
 
 async def run_asgi(app: ASGIApp, request: Forwarded) -> Answer:
@@ -85,7 +91,7 @@ async def run_asgi(app: ASGIApp, request: Forwarded) -> Answer:
                 done.set()
 
     try:
-        await app(dict(request.scope), receive, send)
+        await app({**request.scope, DEADLINE_KEY: request.deadline}, receive, send)
     except Exception:
         if not done.is_set():
             raise
