@@ -208,6 +208,9 @@ def test_cli_as_a_new_user_types_it(kg_settings: Settings, graph: GraphStore) ->
     assert refused.returncode == 2 and "refused" in refused.stderr and "Traceback" not in refused.stderr
     checked = _cli(kg_settings, "check")
     assert checked.returncode == 0 and "errors: 0" in checked.stdout
+    contradicted = next(line for line in checked.stdout.splitlines() if line.startswith("derived categories"))
+    assert int(contradicted.rsplit(": ", 1)[1]) >= 1
+    assert "category confidence (IS_A.confidence): high " in checked.stdout
     prompts = json.loads(_cli(kg_settings, "prompts", "--limit", "3", "--vlm").stdout)
     assert len(prompts) == 3 and all("vlm" in p and "description" in p["prompts"] for p in prompts)
 

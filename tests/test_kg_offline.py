@@ -10,7 +10,14 @@ from ogclip.synth import COLOURS, PATTERNS, SILHOUETTES, SIZES
 from ogclip_kg import cypher
 from ogclip_kg.prompts import class_prompts, description, vlm_prompt
 from ogclip_kg.quality import near_duplicates
-from ogclip_kg.seeds import build_seed, look, military_role, normalized_name, select_class_sets
+from ogclip_kg.seeds import (
+    build_seed,
+    category_conflicts,
+    look,
+    military_role,
+    normalized_name,
+    select_class_sets,
+)
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +69,11 @@ def test_designations_are_reduced_to_their_base() -> None:
     assert normalized_name("KC-135R") == normalized_name("KC-135") == "kc135"
     assert normalized_name("F-16C") == "f16" and normalized_name("C-130J-30") == "c130"
     assert normalized_name("A330 202MRTT") == "a330202mrtt"
-    assert military_role("F-35A", helicopter=False) == "fighter"
-    assert military_role("KC-46A", helicopter=False) == "tanker-aircraft"
-    assert military_role("Tu-160", helicopter=False) == "bomber"
-    assert military_role("Falcon 7X", helicopter=False) == "military-transport"
-    assert military_role("AW-101", helicopter=True) == "military-helicopter"
+    assert military_role("F-35A", helicopter=False) == ("fighter", "designation")
+    assert military_role("KC-46A", helicopter=False) == ("tanker-aircraft", "designation")
+    assert military_role("Tu-160", helicopter=False) == ("bomber", "designation")
+    assert military_role("Falcon 7X", helicopter=False) == ("military-transport", "fallback")
+    assert military_role("AW-101", helicopter=True) == ("military-helicopter", "stated")
 
 
 def test_seed_merges_sources_and_derives_renderable_looks(records) -> None:
@@ -83,6 +90,28 @@ def test_seed_merges_sources_and_derives_renderable_looks(records) -> None:
         assert facts["accent"] != facts["colour"]
         assert all(source for _, _, source in record.facts.values())
     assert records == build_seed(), "the seed is deterministic"
+
+
+def test_each_category_says_how_it_was_reached_and_what_contradicts_it(records) -> None:
+    by_name = {r.name: r for r in records}
+    # Stated by a source: a curated warship's role, an AIS ship type, aircot's rotorcraft.
+    assert {r.category_confidence for r in records if r.super_category == "warship"} == {"high"}
+    assert by_name["cargo ship"].basis == "stated" and by_name["cargo ship"].category_confidence == "high"
+    # Read from a designation, and consistent with ICAO's facts where the type has them.
+    fighter = next(r for r in records if "F-16" in r.aliases)
+    assert fighter.category == "fighter" and fighter.basis == "designation" and not fighter.category_conflicts
+    assert fighter.category_confidence == "medium"
+    # Contradicted: a turboprop "fighter" (F-27), a piston light "early-warning aircraft", an airliner's model number.
+    assert by_name["Conair F-27 Firefighter"].category_conflicts == ["engine_type=Turboprop/Turboshaft"]
+    assert by_name["E-7 Group E-7 Bush Hog"].category_conflicts == ["engine_type=Piston", "wake_category=L"]
+    assert by_name["B-747-8B5"].category_confidence == "low"
+    # The fallback for a military type without a designation is the least certain of all.
+    assert by_name["Citation 560 XL"].basis == "fallback" and by_name["Citation 560 XL"].category_confidence == "low"
+    assert category_conflicts("military-helicopter", {"aircraft_description": "LandPlane"}) == [
+        "aircraft_description=LandPlane"]
+    assert category_conflicts("airliner", {"aircraft_description": "LandPlane", "engine_type": "Jet"}) == []
+    confidence = collections.Counter(r.category_confidence for r in records)
+    assert set(confidence) == {"high", "medium", "low"} and confidence["low"] < 0.15 * len(records)
 
 
 def test_class_sets_mirror_the_paper_and_are_disjoint(records) -> None:

@@ -151,6 +151,12 @@ INAPPLICABLE_ATTRIBUTES = """MATCH (t:Target)-[h:HAS_ATTRIBUTE]->(a:Attribute)
 WHERE a.applies_to IS NOT NULL AND NOT t.kind IN a.applies_to
 RETURN t.key AS target, t.kind AS kind, a.key AS attribute, h.value AS value ORDER BY target"""
 
+CATEGORY_CONFIDENCE = """MATCH (t:Target)-[r:IS_A]->(c:Category)
+RETURN r.confidence AS confidence, count(t) AS targets ORDER BY confidence"""
+
+CONTRADICTED_CATEGORIES = """MATCH (t:Target)-[r:IS_A]->(c:Category) WHERE size(coalesce(r.conflicts, [])) > 0
+RETURN t.key AS target, t.name AS name, c.key AS category, r.conflicts AS conflicts ORDER BY target"""
+
 TARGETS_WITHOUT_CATEGORY = """MATCH (t:Target) WHERE NOT EXISTS { (t)-[:IS_A]->(:Category) }
 RETURN t.key AS target ORDER BY target"""
 

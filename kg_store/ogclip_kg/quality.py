@@ -2,8 +2,9 @@
 
 Disambiguation merges targets whose normalised names agree while the seed is built (:mod:`ogclip_kg.seeds`);
 here the graph as stored is checked: attributes that do not apply to a target's kind (a tank with a wingspan),
-quantities that are not non-negative numbers, targets outside the taxonomy, train/test overlap, and remaining
-near-duplicate names by character-trigram embedding similarity, for review.
+quantities that are not non-negative numbers, targets outside the taxonomy, train/test overlap, and, for review,
+remaining near-duplicate names by character-trigram embedding similarity, derived categories that a source's facts
+contradict, and how many categories are of each confidence (the ``IS_A`` relationship's ``confidence``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ class QualityReport:
     targets_without_category: list[str] = field(default_factory=list)
     class_set_overlap: list[str] = field(default_factory=list)
     near_duplicates: list[tuple[str, str, float]] = field(default_factory=list)
+    contradicted_categories: list[dict] = field(default_factory=list)
+    category_confidence: dict[str, int] = field(default_factory=dict)
 
     @property
     def errors(self) -> int:
@@ -41,9 +44,13 @@ class QualityReport:
             ("targets without a category", self.targets_without_category),
             ("targets in both train and test class sets", self.class_set_overlap),
             ("possible duplicates (review)", self.near_duplicates),
+            ("derived categories that a source's facts contradict (review)", self.contradicted_categories),
         ):
             lines.append(f"{title}: {len(items)}")
             lines.extend(f"  {item}" for item in items[:limit])
+        lines.append("category confidence (IS_A.confidence): " + ", ".join(
+            f"{level} {count}" if level != "None" else f"unrated {count} (seeded before ratings; `kg seed` adds them)"
+            for level, count in self.category_confidence.items()))
         lines.append(f"errors: {self.errors}")
         return "\n".join(lines)
 
@@ -82,4 +89,6 @@ def check(store: GraphStore, duplicate_threshold: float = 0.9) -> QualityReport:
         targets_without_category=[r["target"] for r in store.read(cypher.TARGETS_WITHOUT_CATEGORY)],
         class_set_overlap=[r["target"] for r in store.read(cypher.CLASS_SET_OVERLAP)],
         near_duplicates=near_duplicates(store.read(cypher.TARGET_NAMES), duplicate_threshold),
+        contradicted_categories=store.read(cypher.CONTRADICTED_CATEGORIES),
+        category_confidence={str(r["confidence"]): r["targets"] for r in store.read(cypher.CATEGORY_CONFIDENCE)},
     )

@@ -80,6 +80,21 @@ class TargetRecord:
     facts: dict[str, tuple[Any, str | None, str]] = field(default_factory=dict)  # attribute -> (value, unit, source)
     operators: dict[str, str] = field(default_factory=dict)  # name -> source
     manufacturers: dict[str, str] = field(default_factory=dict)
+    basis: str = "stated"  # how the category was reached: one of CATEGORY_BASES
+
+    @property
+    def category_conflicts(self) -> list[str]:
+        """The source facts that contradict the category, as ``attribute=value`` (see :func:`category_conflicts`)."""
+        return category_conflicts(self.category, {k: v[0] for k, v in self.facts.items()},
+                                  self.name if self.basis == "designation" else None)
+
+    @property
+    def category_confidence(self) -> str:
+        """high: stated by a source; medium: derived from a designation or a description and contradicted by no
+        source fact; low: a fallback, or contradicted by a source fact."""
+        if self.category_conflicts or self.basis == "fallback":
+            return "low"
+        return "high" if self.basis == "stated" else "medium"
 
     @property
     def super_category(self) -> str:
@@ -98,8 +113,12 @@ class SeedBuilder:
         self.targets: dict[str, TargetRecord] = {}
         self._by_norm: dict[str, str] = {}
 
-    def add(self, name: str, kind: str, category: str, source: str, norm: str | None = None) -> TargetRecord:
-        """Add a target, or merge into the one with the same normalised name or designator (``norm``)."""
+    def add(self, name: str, kind: str, category: str, source: str, norm: str | None = None,
+            basis: str = "stated") -> TargetRecord:
+        """Add a target, or merge into the one with the same normalised name or designator (``norm``); ``basis``
+        says how the source's category was reached (one of :data:`CATEGORY_BASES`)."""
+        if basis not in CATEGORY_BASES:
+            raise ValueError(f"{name}: category basis {basis!r} is not one of {CATEGORY_BASES}")
         norm = norm or normalized_name(name)
         existing = self._by_norm.get(norm) or self._by_norm.get(normalized_name(name))
         if existing:
@@ -109,12 +128,12 @@ class SeedBuilder:
             record.sources.add(source)
             # A military role learnt from operator records beats a civilian reading of the ICAO description.
             if category in CATEGORIES and _is_military(category) and not _is_military(record.category):
-                record.category = category
+                record.category, record.basis = category, basis
             return record
         key = slug(name) or norm
         while key in self.targets:
             key += "-x"
-        record = TargetRecord(key=key, name=name, kind=kind, category=category, sources={source})
+        record = TargetRecord(key=key, name=name, kind=kind, category=category, sources={source}, basis=basis)
         self.targets[key] = record
         self._by_norm[norm] = key
         self._by_norm.setdefault(normalized_name(name), key)
@@ -130,6 +149,39 @@ def second_level(category: str) -> str:
 
 def _is_military(category: str) -> bool:
     return second_level(category) in ("military-aircraft", "warship")
+
+
+# How a target's category was reached: stated by a source (a curated warship's role, an AIS ship type), derived
+# from a military designation's letters, derived from an ICAO description, or the fallback for a military type
+# whose name has no designation (military transport).
+CATEGORY_BASES = ("stated", "designation", "description", "fallback")
+
+_AIRLINER_MODEL = re.compile(r"b7\d7|a3\d\d")
+_ROTORCRAFT = {"military-helicopter", "civil-helicopter", "gyrocopter", "tiltrotor", "civil-tiltrotor"}
+_LARGE_ROLES = {"bomber", "early-warning-aircraft", "tanker-aircraft", "maritime-patrol-aircraft"}
+
+
+def category_conflicts(category: str, facts: dict[str, Any], designated: str | None = None) -> list[str]:
+    """What contradicts a derived aircraft category. ICAO facts: a rotorcraft category for a type ICAO describes
+    as a landplane (or the reverse), a fighter without jet engines or of heavy wake, a bomber, early-warning,
+    tanker or patrol aircraft of light wake or with piston engines (facts that say nothing about the role, most of
+    them, contradict nothing). And ``designated``, the name a role was read from: an airliner's model number
+    (Boeing 7x7, Airbus A3xx) is not a designation ("B-747-8B5" is no bomber)."""
+    description, engine, wake = (facts.get(k) for k in ("aircraft_description", "engine_type", "wake_category"))
+    conflicts = []
+    parts = designation(designated) if designated else None
+    if parts is not None and _AIRLINER_MODEL.fullmatch("".join(parts)):
+        conflicts.append(f"name={designated} (an airliner model number, not a designation)")
+    if description is not None and (description in ("Helicopter", "Gyrocopter", "Tiltrotor")) != (
+            category in _ROTORCRAFT):
+        conflicts.append(f"aircraft_description={description}")
+    if category == "fighter":
+        conflicts += [f"engine_type={engine}"] if engine not in (None, "Jet") else []
+        conflicts += [f"wake_category={wake}"] if wake in ("H", "J") else []
+    if category in _LARGE_ROLES:
+        conflicts += [f"engine_type={engine}"] if engine == "Piston" else []
+        conflicts += [f"wake_category={wake}"] if wake == "L" else []
+    return conflicts
 
 
 # -- ICAO Doc 8643 --------------------------------------------------------------------------------------------
@@ -161,7 +213,7 @@ def add_icao_types(builder: SeedBuilder) -> None:
         manufacturer = row["Manufacturer"].strip().title()
         name = f"{manufacturer} {row['Model'].strip()}"
         record = builder.add(name, "aircraft", _icao_category(row["Description"], row["Engine Type"],
-                             row["Wake Turbulence"]), ICAO_SOURCE, norm=designator.lower())
+                             row["Wake Turbulence"]), ICAO_SOURCE, norm=designator.lower(), basis="description")
         record.fact("icao_designator", designator, ICAO_SOURCE)
         record.fact("aircraft_description", row["Description"], ICAO_SOURCE)
         record.fact("engine_type", row["Engine Type"], ICAO_SOURCE)
@@ -191,16 +243,20 @@ _PREFIX_ROLE = {prefix: role for role, prefixes in _ROLE_PREFIXES.items() for pr
 _TU_BOMBERS = {"tu22", "tu95", "tu142", "tu160"}
 
 
-def military_role(type_name: str, helicopter: bool) -> str:
-    """Role of a military type from its designation (US MDS letters and common foreign prefixes); derived."""
+def military_role(type_name: str, helicopter: bool) -> tuple[str, str]:
+    """Role of a military type from its designation (US MDS letters and common foreign prefixes), with how it was
+    reached (:data:`CATEGORY_BASES`): aircot says which types are military and which are rotorcraft, not roles."""
     if helicopter:
-        return "military-helicopter"
+        return "military-helicopter", "stated"
     parts = designation(type_name)
     if parts is None:
-        return "military-transport"  # airliner and business types in military service (A330 MRTT, Falcon 7X…)
+        # airliner and business types in military service (A330 MRTT, Falcon 7X…), and whatever else has no
+        # designation
+        return "military-transport", "fallback"
     if "".join(parts) in _TU_BOMBERS:
-        return "bomber"
-    return _PREFIX_ROLE.get(parts[0], "military-transport")
+        return "bomber", "designation"
+    role = _PREFIX_ROLE.get(parts[0])
+    return (role, "designation") if role else ("military-transport", "fallback")
 
 
 _BRANCHES = {"AF": "Air Force", "A": "Army", "N": "Navy", "MC": "Marine Corps", "CG": "Coast Guard",
@@ -223,8 +279,8 @@ def add_aircot_types(builder: SeedBuilder) -> None:
         parts = cot_type.split("-")
         if len(parts) < 5 or parts[2] != "A" or parts[3] != "M" or not type_name.strip():
             continue  # military air only: a-<affiliation>-A-M-<F|H>
-        role = military_role(type_name, helicopter=parts[4] == "H")
-        record = builder.add(type_name.strip(), "aircraft", role, AIRCOT_SOURCE)
+        role, basis = military_role(type_name, helicopter=parts[4] == "H")
+        record = builder.add(type_name.strip(), "aircraft", role, AIRCOT_SOURCE, basis=basis)
         if operator.strip():
             record.operators.setdefault(operator_name(operator), AIRCOT_SOURCE)
 
@@ -360,7 +416,8 @@ def load_seed(store: GraphStore, records: Iterable[TargetRecord]) -> dict[str, i
     store.upsert("Target", ({"key": r.key, "props": {
         "name": r.name, "normalized_name": normalized_name(r.name), "aliases": sorted(r.aliases)[:20],
         "kind": r.kind, "super_category": r.super_category, "source": sorted(r.sources)}} for r in records))
-    store.link("Target", "IS_A", "Category", ({"from": r.key, "to": r.category, "props": {}} for r in records))
+    store.link("Target", "IS_A", "Category", ({"from": r.key, "to": r.category, "props": {
+        "basis": r.basis, "confidence": r.category_confidence, "conflicts": r.category_conflicts}} for r in records))
     facts = [{"from": r.key, "to": attribute, "props": {"value": value, "unit": unit, "source": source}}
              for r in records for attribute, (value, unit, source) in r.facts.items()]
     store.link("Target", "HAS_ATTRIBUTE", "Attribute", facts)
