@@ -10,8 +10,9 @@ anything else, or a request whose retries are spent, is answered 503 with ``Retr
 replicas' queues full) is a 503 with ``Retry-After`` too, in the service's error format.
 
 Admission: each request carries the deadline its arrival sets (``gateway.latency_budget_s``); a replica refuses
-one that would be answered later (503, ``Retry-After``) before any work, so an admitted request's latency stays
-within the budget however long the queues are. ``/healthz`` is answered here (the HTTP path is alive, whatever the
+one that would be answered later (503, ``Retry-After``) before any work, so the time an admitted request spends
+from the gateway on stays near the budget however long the queues are (time spent in Serve's HTTP proxy before the
+gateway sees the request is outside it). ``/healthz`` is answered here (the HTTP path is alive, whatever the
 replicas' queues hold); ``/readyz`` asks a replica, and when every replica is too busy to answer it within
 ``gateway.ready_timeout_s`` while they keep answering requests, answers the last readiness a replica gave: busy is
 not unready.
@@ -67,9 +68,8 @@ class ConcurrencyLimit:
     budget from here (the other half is for what the gateway cannot see: Serve's HTTP proxy, the network; a
     replica's refusal of a request as too late comes after such a wait too) shrinks the limit by a tenth; any other
     answer grows it by one, up to ``ceiling`` (what the replicas can hold), so a limit cut by a burst is back within
-    as many fast answers. Under
-    overload the queue thus stays as long as the replicas can work off within the budget, and what is over it is
-    refused at once, before its body is read, instead of after a wait."""
+    as many fast answers. Under overload the queue thus stays as long as the replicas can work off within the
+    budget, and what is over it is refused at once, before its body is read, instead of after a wait."""
 
     def __init__(self, budget_s: float | None, ceiling: int) -> None:
         self.target_s = None if budget_s is None else budget_s / 2
