@@ -383,6 +383,45 @@ def test_the_gateway_admits_what_the_replicas_answer_within_the_budget() -> None
     assert unbounded.limit == 80.0
 
 
+def test_the_gateway_health_check_keeps_its_readiness_answer_fresh(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # The gateway's own class, driven as Serve drives it (check_health, then /readyz), in front of a stand-in for
+    # the classifier's deployment handle that answers /readyz the way a replica would, or not at all.
+    from ogclip_serve.gateway import OGClipGateway
+    from ogclip_serve.transport import Answer
+
+    answers: list[Any] = []
+
+    class Replicas:
+        class forward:  # noqa: N801 - the handle's method name
+            @staticmethod
+            async def remote(request: Any) -> Answer:
+                assert request.scope["path"] == "/readyz" and request.scope["method"] == "GET"
+                answer = answers.pop(0)
+                if isinstance(answer, float):
+                    await asyncio.sleep(answer)  # a replica too busy to answer
+                    raise AssertionError("a readiness probe waited past its time")
+                return answer
+
+    ready = Answer(200, [(b"content-type", b"application/json")], b'{"status": "ready"}')
+    unready = Answer(503, [(b"content-type", b"application/json")], b'{"error": {"code": "no_classes"}}')
+    monkeypatch.setenv("OGCLIP_API_TOKEN", TOKEN)
+    config = ServiceConfig(bundle=tmp_path, model_version="v", gateway={"busy_ready_s": 0.2, "ready_timeout_s": 0.1})
+    gateway = OGClipGateway.func_or_class(Replicas(), config.model_dump(mode="json"))
+    assert gateway._ready is None  # nobody asked /readyz yet
+
+    async def probe(*queued: Any) -> None:
+        answers.extend(queued)
+        await gateway.check_health()  # never raises: the gateway is healthy whatever its replicas say
+
+    asyncio.run(probe(ready))
+    assert gateway._ready is ready  # primed before any client asked
+    asyncio.run(probe(5.0))
+    assert gateway._ready is ready  # a busy replica: the last answer stands
+    asyncio.run(probe(unready))
+    assert gateway._ready is None  # a replica that says it cannot serve is believed
+
+
 def test_auth_policy_needs_a_token_outside_local_mode() -> None:
     from ogclip_serve.auth import AuthPolicy
     from ogclip_serve.errors import Unauthorized

@@ -15,7 +15,8 @@ from the gateway on stays near the budget however long the queues are (time spen
 gateway sees the request is outside it). ``/healthz`` is answered here (the HTTP path is alive, whatever the
 replicas' queues hold); ``/readyz`` asks a replica, and when every replica is too busy to answer it within
 ``gateway.ready_timeout_s`` while they keep answering requests, answers the last readiness a replica gave: busy is
-not unready.
+not unready. That answer is kept fresh by the gateway's own health check (every ``health_check_period_s`` from its
+start), so a gateway flooded before anyone asked ``/readyz`` still knows whether its replicas can serve.
 """
 
 # No ``from __future__ import annotations``: Serve resolves the ``request`` annotation of ``__call__``.
@@ -100,7 +101,7 @@ class OGClipGateway:
         self.classifier = classifier
         self.auth = AuthPolicy.from_settings(Settings(), cfg.host)
         self.metrics = ServiceMetrics()
-        self._ready: Answer | None = None  # the last 200 a replica gave to /readyz
+        self._ready: Answer | None = None  # a replica's last answer to /readyz, if it was "ready" (200)
         self._answered_at = -math.inf  # time.monotonic() of a replica's last answer to any request
         self._in_flight = 0  # requests handed to the replicas and not answered yet
         self._limit = ConcurrencyLimit(cfg.gateway.latency_budget_s, cfg.classifier_capacity)
@@ -184,6 +185,21 @@ class OGClipGateway:
                 raise
             raise Unavailable(f"no replica answered within {gateway.ready_timeout_s:g} s",
                               retry_after=gateway.retry_after_s, code="overloaded") from exc
-        if answer.status == 200:
-            self._ready = answer
+        self._ready = answer if answer.status == 200 else None
         return answer
+
+    async def check_health(self) -> None:
+        """Serve's periodic health check of the gateway: refresh the cached readiness by asking a replica's
+        ``/readyz`` (waiting up to ``busy_ready_s`` behind the queued requests). The gateway itself is healthy
+        whatever the replicas answer, so nothing here raises."""
+        probe = Forwarded(scope={"type": "http", "http_version": "1.1", "scheme": "http", "method": "GET",
+                                 "root_path": "", "path": "/readyz", "raw_path": b"/readyz", "query_string": b"",
+                                 "headers": [], "client": None, "server": None}, body=b"")
+        wait = max(self.cfg.gateway.ready_timeout_s, self.cfg.gateway.busy_ready_s)
+        try:
+            answer = await asyncio.wait_for(self._send(probe, "/readyz", retry=True), wait)
+        except Exception as exc:  # busy, unavailable or starting: keep what the last answer said
+            log.info("gateway health check: no readiness answer from a replica within %g s (%s)", wait,
+                     exc or type(exc).__name__)
+            return
+        self._ready = answer if answer.status == 200 else None
