@@ -980,9 +980,17 @@ def test_dockerfile_builds_the_wheel_and_runs_unprivileged(flavour: str) -> None
     assert all(":" in base and not base.endswith(":latest") for base in bases), bases
     runtime = bases[-1]
     assert runtime == ("nvidia/cuda:13.0.2-runtime-ubuntu24.04" if flavour == "gpu" else "ubuntu:24.04")
-    runs = " ".join(args for op, args in steps if op == "RUN")
-    assert "pip wheel --no-deps" in runs and f'ogclip_platform-*.whl)[{flavour}]"' in runs
-    assert "--constraint /tmp/constraints.txt" in runs
+    runs = " ".join(" ".join(args.split()) for op, args in steps if op == "RUN")
+    assert "pip wheel --no-deps" in runs
+    # Layers: the dependencies from the pins alone, then the project's wheel without dependencies (checked), so a
+    # code change rebuilds one small layer.
+    wheel = steps.index(("COPY", "--from=wheel /dist /tmp/dist"))
+    pinned = [i for i, (op, args) in enumerate(steps) if op == "RUN" and ("pip install --requirement" in args
+                                                                         or "--constraint /tmp/constraints" in args)]
+    assert pinned and max(pinned) < wheel, "dependencies must be installed before the project's code is copied"
+    assert "pip install --no-deps /tmp/dist/ogclip_platform-*.whl && pip check" in runs
+    if flavour == "cpu":  # PyTorch's CPU build, without PyPI's CUDA libraries
+        assert '--index-url "$TORCH_INDEX_URL"' in runs and "nvidia-" in runs
     for op, args in steps:  # everything copied from the build context exists
         if op == "COPY" and "--from=" not in args:
             sources = [a for a in args.split() if not a.startswith("--")][:-1]
