@@ -109,7 +109,7 @@ def test_demo_runs_end_to_end(tmp_path: Path, kg_settings) -> None:
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     for step in range(1, 6):
-        assert f"[{step}/5]" in result.stdout
+        assert f"[{step}/5]" in result.stderr  # progress through `logging`, on stderr
     # A quiet console: the job's own lines only (Ray's logs stay in its session folder), none twice, no warnings.
     console = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
     assert len(console) <= 80, "\n".join(console)
@@ -122,7 +122,7 @@ def test_demo_runs_end_to_end(tmp_path: Path, kg_settings) -> None:
     assert version.startswith("ogc-") and summary["eval"]["model_version"] == version
     assert summary["train"]["class_embeddings"] >= 5 + 4
     assert 0.0 <= summary["eval"]["macc"] <= 1.0 and (out / "eval" / "report.md").exists()
-    assert "rendered on the fly" in result.stdout and not (out / "data-train").exists()
+    assert "rendered on the fly" in result.stderr and not (out / "data-train").exists()
     assert (out / "probe" / "probe.md").exists() and summary["probe"]
     label_report = json.loads((out / "eval-label" / "report.json").read_text())
     assert label_report["config"]["prompts"] == "label"
@@ -140,3 +140,32 @@ def test_a_result_on_stdout_is_json_and_progress_goes_to_stderr(tmp_path: Path, 
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout)["ingest"]["rows"] == 3  # `ogclip data synth … | jq .ingest.rows` works
     assert "[ingest] done" in result.stderr
+
+
+def test_the_platform_logs_through_logging_to_stderr(capfd: pytest.CaptureFixture[str]) -> None:
+    import logging
+
+    from ogclip.settings import PACKAGE_LOGGERS, configure_logging
+
+    saved = {name: (logging.getLogger(name).handlers[:], logging.getLogger(name).level,
+                    logging.getLogger(name).propagate) for name in PACKAGE_LOGGERS}
+    try:
+        configure_logging("INFO")
+        configure_logging("INFO")  # again: still one handler, so still one line per message
+        logging.getLogger("ogclip_jobs.train").info("step 1/2")
+        logging.getLogger("ogclip_serve").debug("hidden at INFO")
+        configure_logging("DEBUG")
+        logging.getLogger("ogclip_kg.server").debug("shown at DEBUG")
+        captured = capfd.readouterr()
+        assert captured.out == ""  # stdout is for results
+        lines = captured.err.splitlines()
+        assert lines[0] == "step 1/2" and len(lines) == 2, lines
+        assert " DEBUG ogclip_kg.server: shown at DEBUG" in lines[1]
+        with pytest.raises(ValueError, match="unknown log level"):
+            configure_logging("LOUD")
+    finally:
+        for name, (handlers, level, propagate) in saved.items():
+            logger = logging.getLogger(name)
+            logger.handlers[:] = handlers
+            logger.setLevel(level)
+            logger.propagate = propagate

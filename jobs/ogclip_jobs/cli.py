@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ogclip.config import ConfigError, DemoConfig, load_yaml_config
-from ogclip.settings import get_settings
+from ogclip.settings import configure_logging, get_settings
 from ogclip_jobs import submit
 
 
@@ -40,11 +40,6 @@ def _models(args: argparse.Namespace) -> int:
         print(f"{r['name']:<20}{r['image_size']:>6}{r['vision_layers']:>8}{r['vision_width']:>7}{r['patch_size']:>7}"
               f"{r['embed_dim']:>7}  {r['mrl']:<9}{r['text_tower']}")
     return 0
-
-
-def _progress(line: str) -> None:
-    """Progress of a command whose result is JSON on stdout goes to stderr, so the result can be piped."""
-    print(line, file=sys.stderr, flush=True)
 
 
 def _positive_int(text: str) -> int:
@@ -92,7 +87,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.steps is not None:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": args.steps})})
     _known_model(cfg.model, args.config)
-    _, summary = run_training(cfg, log=_progress)
+    _, summary = run_training(cfg)
     print(json.dumps(summary, indent=2, default=str))
     return 0
 
@@ -223,10 +218,10 @@ def _data(args: argparse.Namespace) -> int:
         source = SynthSourceConfig(class_set=args.classes, per_class=args.per_class, image_size=args.image_size,
                                    seed=args.seed, max_classes=args.max_classes)
         cfg = DataPipelineConfig(output_dir=args.output_dir, source=source)
-        records = run_pipeline(cfg, only="ingest", log=_progress)
+        records = run_pipeline(cfg, only="ingest")
     else:
         cfg = load_yaml_config(args.config, DataPipelineConfig) if args.config else DataPipelineConfig()
-        records = run_pipeline(cfg, only=args.stage, log=_progress)
+        records = run_pipeline(cfg, only=args.stage)
     print(json.dumps(records, indent=2))
     return 0
 
@@ -354,6 +349,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.verbose:
         os.environ["OGCLIP_LOG_LEVEL"] = "DEBUG"
         get_settings.cache_clear()
+    # Progress and diagnostics go to stderr through `logging`; stdout carries only a command's result.
+    configure_logging()
     # Exit status as argparse has it: 2 for bad input (flags, config files, values), 1 for a failure while running.
     try:
         return args.func(args)

@@ -4,6 +4,7 @@ pipeline, OG-CLIP on Ray Train, zero-shot evaluation on unseen classes, the abla
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,8 @@ from ogclip_jobs.evaluate import VARIANTS, run_ablation, run_evaluation
 from ogclip_jobs.probe import run_probe
 from ogclip_jobs.runtime import ensure_ray, open_graph, ray_log_folder, verbose
 from ogclip_jobs.train import run_training
+
+_log = logging.getLogger(__name__)
 
 SHARDS = Path("stages/shards/parquet")
 
@@ -46,7 +49,7 @@ def wire(cfg: DemoConfig) -> DemoConfig:
                                   "eval": evaluation})
 
 
-def evaluate_bundle(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+def evaluate_bundle(cfg: DemoConfig, log: Callable[[str], None] = _log.info) -> dict[str, Any]:
     """Step 4 on a wired config: zero-shot mAcc under every mask mode and by look, again with name-only prompts
     (first mask mode), and the attribute probes; the figures for ``demo.json`` (keys ``eval`` and ``probe``)."""
     report = run_evaluation(cfg.eval, log)
@@ -66,7 +69,7 @@ def evaluate_bundle(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict
     return {"eval": figures, "probe": probe["rows"]}
 
 
-def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_demo(cfg: DemoConfig, log: Callable[[str], None] = _log.info) -> dict[str, Any]:
     """Run every step, print what it does, and return the figures (also in ``output_dir/demo.json``)."""
     cfg = wire(cfg)
     started = time.perf_counter()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -50,6 +51,8 @@ from ogclip.zeroshot import class_embeddings
 from ogclip_jobs.data.images import decode_mask, mask_iou
 from ogclip_jobs.data.stages import present
 from ogclip_jobs.train import data_labels, prompts_for, run_training
+
+_log = logging.getLogger(__name__)
 
 # The ablation: (prompts, visual prompt, MRL) per variant, in the paper's Table 3 order, then the baselines.
 VARIANTS: dict[str, tuple[PromptMode, VisualPromptName, str]] = {
@@ -396,7 +399,7 @@ def _fmt(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}%"
 
 
-def run_evaluation(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_evaluation(cfg: EvalConfig, log: Callable[[str], None] = _log.info) -> dict[str, Any]:
     """``ogclip eval``: load the bundle, score it, write ``report.{md,json}`` and ``macc_by_dim.png``."""
     from ogclip_jobs.runtime import open_graph
 
@@ -442,7 +445,7 @@ def _spread(values: list[float]) -> str:
     return f"{mean:.1f}" if len(values) == 1 else f"{mean:.1f} ± {100 * float(np.std(values)):.1f}"
 
 
-def run_ablation(cfg: AblationConfig, log: Callable[[str], None] = print,
+def run_ablation(cfg: AblationConfig, log: Callable[[str], None] = _log.info,
                  trained: dict[str, OGCLIP] | None = None) -> dict[str, Any]:
     """Train every variant with the same budget, once per seed, and score each zero-shot on the unseen classes.
 

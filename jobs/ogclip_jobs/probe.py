@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -30,6 +31,8 @@ from ogclip.models import OGCLIP
 from ogclip.synth import TargetClass, render, spread_classes
 from ogclip.transforms import image_mask_transform
 from ogclip.zeroshot import class_embeddings
+
+_log = logging.getLogger(__name__)
 
 ATTRIBUTES = ("silhouette", "colour", "size", "pattern", "accent")  # the order of TargetClass.look()
 
@@ -140,7 +143,7 @@ def probe_markdown(name: str, result: dict[str, Any]) -> str:
             "the commonest training value.\n\n" + "\n".join(lines) + "\n")
 
 
-def run_probe(cfg: ProbeConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_probe(cfg: ProbeConfig, log: Callable[[str], None] = _log.info) -> dict[str, Any]:
     """``ogclip eval probe``: load the bundle, probe its image and text features, write ``probe.{md,json}``."""
     from ogclip_jobs.evaluate import class_set_rows
     from ogclip_jobs.runtime import open_graph

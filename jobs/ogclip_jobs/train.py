@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import math
 import random
 import tempfile
@@ -40,6 +41,8 @@ from ogclip.losses import LossTerms, og_clip_loss
 from ogclip.models import OGCLIP, create_model, load_checkpoint, save_checkpoint
 from ogclip.transforms import apply_visual_prompt, decode_image, image_mask_transform
 from ogclip.zeroshot import class_embeddings
+
+_log = logging.getLogger(__name__)
 
 WEIGHTS = "model.safetensors"
 STATE = "train_state.pt"
@@ -501,7 +504,7 @@ def _use_gpu(cfg: TrainJobConfig) -> bool:
 
 
 def fit(cfg: TrainJobConfig, prompts: dict[str, list[str]], classes: list[str],
-        facts: Mapping[str, dict[str, Any]] | None = None, log: Callable[[str], None] = print) -> ray.train.Result:
+        facts: Mapping[str, dict[str, Any]] | None = None, log: Callable[[str], None] = _log.info) -> ray.train.Result:
     """Run the TorchTrainer, printing its progress lines through ``log``; a run folder that already holds
     checkpoints is resumed, not restarted."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -564,7 +567,7 @@ def best_model(cfg: TrainJobConfig, result: ray.train.Result) -> OGCLIP:
 
 
 def export_run(cfg: TrainJobConfig, model: OGCLIP, store: Any, trained: Sequence[str],
-               log: Callable[[str], None] = print) -> dict[str, Any]:
+               log: Callable[[str], None] = _log.info) -> dict[str, Any]:
     """Bundle ``model`` and write class embeddings under its model version: the ``trained`` classes and every
     class of ``export_class_sets`` (the unseen test set, typically)."""
     from ogclip_kg import cypher
@@ -583,7 +586,7 @@ def export_run(cfg: TrainJobConfig, model: OGCLIP, store: Any, trained: Sequence
     return {"model_version": bundle.model_version, "bundle": str(bundle.path), "class_embeddings": written}
 
 
-def run_training(cfg: TrainJobConfig, log: Callable[[str], None] = print) -> tuple[OGCLIP, dict[str, Any]]:
+def run_training(cfg: TrainJobConfig, log: Callable[[str], None] = _log.info) -> tuple[OGCLIP, dict[str, Any]]:
     """The whole job: class prompts from the graph, Ray Train, then (optionally) export.
 
     Returns the best checkpoint's model (eval mode, CPU) and the run's summary (also in ``summary.json``).

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import secrets
 import signal
@@ -30,13 +31,15 @@ from pathlib import Path
 from typing import Any
 
 from ogclip import daemon
-from ogclip.settings import Settings
+from ogclip.settings import Settings, configure_logging
 
 EMBEDDED_USER = "root"  # ArcadeDB's administrator; its password is ours to set
 ANALYST_USER = "analyst"  # people's Cypher runs as this user, in the group of the same name
 PID_FILE, LOG_FILE, CREDENTIALS_FILE = "server.pid", "server.log", "credentials.json"
 ANALYST_CREDENTIALS_FILE = "analyst-credentials.json"
 TIME_LIMIT = "the analyst time limit"  # how a terminated query names who stopped it
+
+_log = logging.getLogger(__name__)
 
 
 class EmbeddedServerError(RuntimeError):
@@ -194,7 +197,7 @@ def _watch_analysts(server, timeout_ms: int, stop: threading.Event, every: float
                 if overdue and str(query.getUser()) == ANALYST_USER:
                     query.terminate(TIME_LIMIT)
         except Exception as exc:  # a query that ends while it is looked at; the watch must go on
-            print(f"analyst watchdog: {exc}", flush=True)
+            _log.warning("analyst watchdog: %s", exc)
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -248,6 +251,7 @@ def main() -> None:
     parser.add_argument("--heap", default="1g")
     parser.add_argument("--query-timeout-ms", type=int, default=30_000)
     parser.add_argument("--max-rows", type=int, default=100_000)
+    configure_logging()  # into the server's log file, where its stdout and stderr go
     _serve(parser.parse_args())
     # Stopped and cleaned up. A client still connected over Bolt holds a non-daemon JVM thread that would keep this
     # process alive, deaf, after its pid file is gone: end it here.

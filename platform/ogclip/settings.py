@@ -6,6 +6,7 @@ belongs to the machine or deployment: where data goes, which device, how to reac
 
 from __future__ import annotations
 
+import logging
 import socket
 import sys
 from contextlib import ExitStack
@@ -23,7 +24,8 @@ class Settings(BaseSettings):
 
     home: Path = Field(default=Path(".ogclip"), description="Root folder for data, checkpoints and bundles.")
     device: str = Field(default="auto", description="Torch device; 'auto' picks CUDA when present.")
-    log_level: str = Field(default="INFO")
+    log_level: str = Field(default="INFO", description="Level of the platform's loggers on the console (DEBUG also "
+                           "shows Ray's own logs: `ogclip -v`).")
     neo4j_uri: str | None = Field(default=None, description="Bolt URI of a Neo4j server; unset = embedded server.")
     neo4j_user: str = Field(default="neo4j", description="User for neo4j_uri (the embedded server's is 'root').")
     neo4j_password: SecretStr | None = Field(
@@ -97,3 +99,29 @@ def keep_local_ray_on_loopback() -> None:
     if constants is None:
         raise RuntimeError("import ray before keep_local_ray_on_loopback(): it sets a switch of the imported Ray")
     constants.ENABLE_RAY_CLUSTER = False
+
+
+# The platform's packages: each module logs to ``logging.getLogger(__name__)`` under one of these.
+PACKAGE_LOGGERS = ("ogclip", "ogclip_kg", "ogclip_jobs", "ogclip_serve")
+
+
+def configure_logging(level: str | None = None) -> None:
+    """Send the platform's loggers to stderr at ``level`` (default ``OGCLIP_LOG_LEVEL``): the message alone at INFO
+    and above, so the console reads as the job's progress lines; time, level and logger name at DEBUG. The command
+    line does this once per process; a program that embeds the platform configures ``logging`` its own way, and the
+    loggers then reach its handlers as usual. Calling it again replaces the handler, never adds a second."""
+    name = (level or get_settings().log_level).upper()
+    numeric = logging.getLevelName(name)
+    if not isinstance(numeric, int):
+        raise ValueError(f"unknown log level {name!r}; expected DEBUG, INFO, WARNING or ERROR")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s" if numeric < logging.INFO
+                                           else "%(message)s"))
+    handler.set_name("ogclip-console")
+    for package in PACKAGE_LOGGERS:
+        logger = logging.getLogger(package)
+        for old in [h for h in logger.handlers if h.get_name() == "ogclip-console"]:
+            logger.removeHandler(old)
+        logger.addHandler(handler)
+        logger.setLevel(numeric)
+        logger.propagate = False  # one line per message, whatever the root logger has (Ray adds its own)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import shutil
 import tarfile
 import time
@@ -31,6 +32,8 @@ from ogclip.synth import TargetClass, spread_classes
 from ogclip_jobs.data import stages
 from ogclip_jobs.data.images import hamming
 from ogclip_jobs.runtime import ensure_ray, open_graph
+
+_log = logging.getLogger(__name__)
 
 STAGES = ("ingest", "dedup", "quality", "masks", "captions", "shards")
 # Ray Data's reads, writes, filters and column selections ask for a whole CPU by default; beside a stage's actor on
@@ -58,7 +61,7 @@ class Pipeline:
     """One run of the pipeline over ``cfg``; ``classes`` are the graph's class facts keyed by class key."""
 
     def __init__(self, cfg: DataPipelineConfig, classes: dict[str, dict[str, Any]],
-                 log: Callable[[str], None] = print) -> None:
+                 log: Callable[[str], None] = _log.info) -> None:
         self.cfg, self.classes, self.log = cfg, classes, log
         self.root = cfg.output_dir / "stages"
 
@@ -362,7 +365,7 @@ def load_classes(cfg: DataPipelineConfig) -> dict[str, dict[str, Any]]:
         return {row["key"]: row for row in fetch_class_facts(store, keys)}
 
 
-def run_pipeline(cfg: DataPipelineConfig, only: str | None = None, log: Callable[[str], None] = print
+def run_pipeline(cfg: DataPipelineConfig, only: str | None = None, log: Callable[[str], None] = _log.info
                  ) -> dict[str, dict[str, Any]]:
     """Start local Ray if needed, fetch the class facts from the graph, and run the stages."""
     if only is not None and only not in STAGES:

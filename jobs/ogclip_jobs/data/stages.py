@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ from ogclip import segment
 from ogclip.synth import TargetClass, render
 from ogclip.transforms import decode_image
 from ogclip_jobs.data.images import decode_mask, dhash, mask_iou, png_bytes, sha256
+
+_log = logging.getLogger(__name__)
 
 Batch = dict[str, Any]
 
@@ -83,7 +86,7 @@ class DecodeCheck:
                 rejected.append(f"{row['id']}: {exc}")
         out = _columns(keep, list(batch))
         if rejected:
-            print(f"decode check rejected {len(rejected)}: " + "; ".join(rejected[:3]), flush=True)
+            _log.warning("decode check rejected %d: %s", len(rejected), "; ".join(rejected[:3]))
         return out
 
 
