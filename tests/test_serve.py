@@ -382,6 +382,18 @@ def test_the_gateway_admits_what_the_replicas_answer_within_the_budget() -> None
     unbounded.answered(60.0)
     assert unbounded.limit == 80.0
 
+    # A refusal's Retry-After: the time the replicas need to answer what they hold, at their recent rate.
+    now = [0.0]
+    paced = ConcurrencyLimit(budget_s=2.0, ceiling=80, window_s=10.0, clock=lambda: now[0])
+    assert paced.retry_after(60, least=1, most=30) == 1  # no answers yet: the rate is unknown
+    for _ in range(40):  # 4 answers a second
+        now[0] += 0.25
+        paced.answered(0.5)
+    assert paced.retry_after(60, least=1, most=30) == 15  # 60 held / 4.1 a second (40 answers in 9.75 s)
+    assert paced.retry_after(2, least=1, most=30) == 1 and paced.retry_after(600, least=1, most=30) == 30
+    now[0] += 60.0  # a quiet minute: the old answers say nothing about now
+    assert paced.retry_after(60, least=1, most=30) == 1
+
 
 def test_the_gateway_health_check_keeps_its_readiness_answer_fresh(tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:

@@ -42,7 +42,10 @@ class GatewayConfig(StrictModel):
     retries: int = Field(
         default=1, ge=0, description="re-sends of a request whose replica died (0: answer 503). Each re-send goes to "
         "another replica; more than one would let a request that kills its replica take down more of them")
-    retry_after_s: int = Field(default=1, ge=0, description="the Retry-After of a 503 (seconds)")
+    retry_after_s: int = Field(default=1, ge=0, description="the Retry-After of a 503 (seconds); the least one")
+    max_retry_after_s: int = Field(
+        default=30, ge=0, description="the longest Retry-After of a refusal at capacity, which asks for the time the "
+        "replicas need to answer what they hold, at the rate they answer now")
     latency_budget_s: float | None = Field(
         default=2.0, gt=0, description="how long an admitted request may take from its arrival here: one that would "
         "be answered later (it waited too long for a replica) is refused with 503 and Retry-After when it reaches "

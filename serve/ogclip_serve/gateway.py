@@ -24,7 +24,8 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ray import serve
@@ -70,17 +71,36 @@ class ConcurrencyLimit:
     replica's refusal of a request as too late comes after such a wait too) shrinks the limit by a tenth; any other
     answer grows it by one, up to ``ceiling`` (what the replicas can hold), so a limit cut by a burst is back within
     as many fast answers. Under overload the queue thus stays as long as the replicas can work off within the
-    budget, and what is over it is refused at once, before its body is read, instead of after a wait."""
+    budget, and what is over it is refused at once, before its body is read, instead of after a wait.
 
-    def __init__(self, budget_s: float | None, ceiling: int) -> None:
+    A refusal's ``Retry-After`` (:meth:`retry_after`) is the time the replicas need to answer what they already
+    hold, at the rate they answered over the last ``window_s``: clients that honour it come back when there is
+    room, instead of every second, so refusals stop costing the HTTP proxy what the admitted requests need."""
+
+    def __init__(self, budget_s: float | None, ceiling: int, window_s: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.target_s = None if budget_s is None else budget_s / 2
         self.ceiling = float(ceiling)
         self.limit = self.ceiling
+        self.window_s, self.clock = window_s, clock
+        self._answers: deque[float] = deque()  # clock() of the answers within the window
 
     def admits(self, in_flight: int) -> bool:
         return in_flight < max(1, int(self.limit))
 
+    def retry_after(self, in_flight: int, least: int, most: int) -> int:
+        """Seconds until the replicas have answered the ``in_flight`` requests they hold, within [least, most]
+        (``least`` until enough answers came to tell the rate)."""
+        now = self.clock()
+        while self._answers and self._answers[0] < now - self.window_s:
+            self._answers.popleft()
+        if len(self._answers) < 5:
+            return least
+        rate = len(self._answers) / max(now - self._answers[0], 1e-3)
+        return max(least, min(most, math.ceil(in_flight / rate)))
+
     def answered(self, seconds: float) -> None:
+        self._answers.append(self.clock())
         if self.target_s is None:
             return
         if seconds > self.target_s:
@@ -136,9 +156,10 @@ class OGClipGateway:
         """Refuse a request before its body is read while the replicas already hold all they can answer within the
         latency budget (:class:`ConcurrencyLimit`), or all they can hold at all."""
         if not self._limit.admits(self._in_flight):
+            gateway = self.cfg.gateway
             raise Unavailable(f"the service is at capacity ({self._in_flight} requests in progress or queued); "
-                              "send the request again later", retry_after=self.cfg.gateway.retry_after_s,
-                              code="overloaded")
+                              "send the request again later", code="overloaded", retry_after=self._limit.retry_after(
+                                  self._in_flight, gateway.retry_after_s, gateway.max_retry_after_s))
 
     async def _send(self, request: Forwarded, endpoint: str, retry: bool) -> Answer:
         gateway = self.cfg.gateway
