@@ -109,7 +109,7 @@ async def _flood(url: str, ready_url: str, payload: dict[str, Any], clients: int
             except (aiohttp.ClientError, asyncio.TimeoutError):
                 status = 0  # no answer (connection refused or reset, or the client's 120 s timeout)
             answers.setdefault(status, []).append((time.perf_counter() - started) * 1000)
-            await asyncio.sleep(wait)
+            await asyncio.sleep(min(wait, max(0.0, stop - time.perf_counter())))  # not past the run's end
 
     async def probe(session: aiohttp.ClientSession) -> None:
         while time.perf_counter() < stop:
