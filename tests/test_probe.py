@@ -125,7 +125,7 @@ def test_probe_command_writes_its_table(tmp_path: Path, model, graph, job_settin
     config.write_text(json.dumps({"train_classes": 12, "renders_per_class": 2, "bundle": "ignored"}))
     assert main(["eval", "probe", "--config", str(config), "--bundle", str(bundle.path),
                  "--output-dir", str(tmp_path / "probe")]) == 0
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr().err  # the job's lines, through logging; stdout is for results
     assert "| attribute | silhouette | colour | size | pattern | accent |" in printed
     assert "| image features (D=128) |" in printed and "| text features (projected, D=128) |" in printed
     result = json.loads((tmp_path / "probe" / "probe.json").read_text())

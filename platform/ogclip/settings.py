@@ -105,6 +105,19 @@ def keep_local_ray_on_loopback() -> None:
 PACKAGE_LOGGERS = ("ogclip", "ogclip_kg", "ogclip_jobs", "ogclip_serve")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted, not the one it was created with (a tool or
+    a test that replaces ``sys.stderr`` still gets the lines, and a closed replacement is never written to)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it
+        pass
+
+
 def configure_logging(level: str | None = None) -> None:
     """Send the platform's loggers to stderr at ``level`` (default ``OGCLIP_LOG_LEVEL``): the message alone at INFO
     and above, so the console reads as the job's progress lines; time, level and logger name at DEBUG. The command
@@ -114,7 +127,7 @@ def configure_logging(level: str | None = None) -> None:
     numeric = logging.getLevelName(name)
     if not isinstance(numeric, int):
         raise ValueError(f"unknown log level {name!r}; expected DEBUG, INFO, WARNING or ERROR")
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s" if numeric < logging.INFO
                                            else "%(message)s"))
     handler.set_name("ogclip-console")
