@@ -44,6 +44,9 @@ from ogclip_serve.transport import Answer, Forwarded, error_response, forwardabl
 log = logging.getLogger("ogclip_serve")
 
 IDEMPOTENT_POSTS = ("/v1/classify", "/v1/embeddings")  # they change nothing a second call would see twice
+# The longest the gateway's health check waits for a replica's /readyz: within Serve's 30 s health-check timeout,
+# past which Serve would count the gateway itself as unhealthy and replace it.
+HEALTH_CHECK_WAIT_S = 20.0
 
 
 def idempotent(method: str, path: str) -> bool:
@@ -211,12 +214,12 @@ class OGClipGateway:
 
     async def check_health(self) -> None:
         """Serve's periodic health check of the gateway: refresh the cached readiness by asking a replica's
-        ``/readyz`` (waiting up to ``busy_ready_s`` behind the queued requests). The gateway itself is healthy
-        whatever the replicas answer, so nothing here raises."""
+        ``/readyz`` (waiting up to ``busy_ready_s`` behind the queued requests, at most ``HEALTH_CHECK_WAIT_S``). The
+        gateway itself is healthy whatever the replicas answer, so nothing here raises."""
         probe = Forwarded(scope={"type": "http", "http_version": "1.1", "scheme": "http", "method": "GET",
                                  "root_path": "", "path": "/readyz", "raw_path": b"/readyz", "query_string": b"",
                                  "headers": [], "client": None, "server": None}, body=b"")
-        wait = max(self.cfg.gateway.ready_timeout_s, self.cfg.gateway.busy_ready_s)
+        wait = min(max(self.cfg.gateway.ready_timeout_s, self.cfg.gateway.busy_ready_s), HEALTH_CHECK_WAIT_S)
         try:
             answer = await asyncio.wait_for(self._send(probe, "/readyz", retry=True), wait)
         except Exception as exc:  # busy, unavailable or starting: keep what the last answer said
