@@ -756,15 +756,19 @@ def gateway_options(cfg: ServiceConfig) -> dict[str, Any]:
 
     It takes ``gateway.max_ongoing_requests`` at once, far more than the replicas can hold: a request costs it
     almost nothing until it is admitted (its body is read only then), so its own admission, not Serve's proxy,
-    decides what is refused, quickly and in the service's error format; its own queue is the classifier's.
+    decides what is refused, quickly and in the service's error format; its own queue is the classifier's. Serve's
+    proxy may hold as many again while it hands them over: its router counts every request not yet handed to a
+    replica as queued, so a burst arriving at once would otherwise be refused there as plain-text 503s (a
+    ``/readyz`` among them) while the gateway is idle.
     """
     d, g = cfg.deployment, cfg.gateway
+    held = max(g.max_ongoing_requests, 2 * cfg.classifier_capacity)
     return {
         "name": f"{d.name}Gateway",
         "num_replicas": g.replicas,
         "ray_actor_options": {"num_cpus": g.num_cpus},
-        "max_ongoing_requests": max(g.max_ongoing_requests, 2 * cfg.classifier_capacity),
-        "max_queued_requests": d.max_queued_requests,
+        "max_ongoing_requests": held,
+        "max_queued_requests": held,
         "health_check_period_s": d.health_check_period_s,
         "logging_config": {"enable_access_log": d.access_log},
         "graceful_shutdown_timeout_s": d.graceful_shutdown_timeout_s,

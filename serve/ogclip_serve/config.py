@@ -37,8 +37,8 @@ class GatewayConfig(StrictModel):
     num_cpus: float = Field(default=0.1, ge=0, description="CPUs reserved per gateway replica")
     max_ongoing_requests: int = Field(
         default=1024, ge=1, description="requests one gateway replica holds at once (at least twice what the "
-        "classifier replicas can hold); each is light until admitted. Beyond it Serve's proxy queues requests and "
-        "then refuses them itself, as plain-text 503s")
+        "classifier replicas can hold); each is light until admitted. Serve's proxy queues as many again for it and "
+        "refuses what is beyond that itself, as plain-text 503s")
     retries: int = Field(
         default=1, ge=0, description="re-sends of a request whose replica died (0: answer 503). Each re-send goes to "
         "another replica; more than one would let a request that kills its replica take down more of them")
