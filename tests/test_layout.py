@@ -51,6 +51,17 @@ def test_core_does_not_import_ray_or_neo4j() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_what_ray_data_workers_import_leaves_out_torch() -> None:
+    """Every Ray Data worker of the pipeline imports the pipeline's module to run its functions; a worker that
+    imported torch, torchvision or scikit-learn with it took ~20 s to start on 2 cores, once per stage. Models load
+    inside the stages that use them."""
+    code = ("import sys, ogclip_jobs.data.pipeline, ogclip_jobs.data.stages; "
+            "bad = {'torch', 'torchvision', 'open_clip', 'sklearn'} & set(sys.modules); print(sorted(bad)); "
+            "sys.exit(bool(bad))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_every_shipped_yaml_config_is_validated() -> None:
     # Kubernetes manifests (infra/k8s) are not configs: tests/test_infra.py validates them.
     shipped = {str(p.relative_to(ROOT)) for p in (ROOT / "infra").rglob("*.yaml") if p.parent != ROOT / "infra" / "k8s"}

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from ogclip.config import PreprocessConfig
-from ogclip.transforms import ImageDecodeError, decode_image, image_mask_transform
+from ogclip.decode import ImageDecodeError, decode_image
+from ogclip.transforms import image_mask_transform
 
 
 def _png(image: Image.Image) -> bytes:

@@ -62,9 +62,9 @@ def _known_model(name: str, config: Path | None) -> None:
                           f"{', '.join(list_models())}")
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from ogclip_jobs.demo import run_demo  # torch-heavy; keep `ogclip --help` fast
+# Each command reads and checks its config before importing its job (torch, Ray): a bad file is refused at once.
 
+def _demo(args: argparse.Namespace) -> int:
     cfg = load_yaml_config(args.config, DemoConfig) if args.config else DemoConfig()
     updates: dict = {}
     if args.output_dir:
@@ -75,18 +75,21 @@ def _demo(args: argparse.Namespace) -> int:
     if args.no_ablation:
         updates["ablation"] = False
     _known_model(cfg.train.model, args.config)
+    from ogclip_jobs.demo import run_demo
+
     run_demo(cfg.model_copy(update=updates))
     return 0
 
 
 def _train(args: argparse.Namespace) -> int:
     from ogclip.config import TrainJobConfig
-    from ogclip_jobs.train import run_training
 
     cfg = load_yaml_config(args.config, TrainJobConfig) if args.config else TrainJobConfig()
     if args.steps is not None:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": args.steps})})
     _known_model(cfg.model, args.config)
+    from ogclip_jobs.train import run_training
+
     _, summary = run_training(cfg)
     print(json.dumps(summary, indent=2, default=str))
     return 0
@@ -94,26 +97,30 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from ogclip.config import AblationConfig, EvalConfig, ProbeConfig
-    from ogclip_jobs.evaluate import run_ablation, run_evaluation
 
     if args.eval_command and args.mask_modes:
         raise ValueError(f"--mask-modes is an option of `eval` itself, not of `eval {args.eval_command}`")
     if args.eval_command == "ablation":
         if not args.config:
             raise ValueError("`eval ablation` needs --config, e.g. infra/configs/ablation-cpu.yaml")
-        run_ablation(load_yaml_config(args.config, AblationConfig))
+        ablation = load_yaml_config(args.config, AblationConfig)
+        from ogclip_jobs.evaluate import run_ablation
+
+        run_ablation(ablation)
         return 0
     if args.eval_command == "probe":
-        from ogclip_jobs.probe import run_probe
-
         probe = load_yaml_config(args.config, ProbeConfig) if args.config else ProbeConfig()
         updates = {k: v for k, v in (("bundle", args.bundle), ("output_dir", args.output_dir)) if v}
+        from ogclip_jobs.probe import run_probe
+
         run_probe(probe.model_copy(update=updates))
         return 0
     cfg = load_yaml_config(args.config, EvalConfig) if args.config else EvalConfig()
     updates = {k: v for k, v in (("bundle", args.bundle), ("output_dir", args.output_dir)) if v}
     if args.mask_modes:
         updates["mask_modes"] = EvalConfig.model_validate({"mask_modes": args.mask_modes.split(",")}).mask_modes
+    from ogclip_jobs.evaluate import run_evaluation
+
     run_evaluation(cfg.model_copy(update=updates))
     return 0
 

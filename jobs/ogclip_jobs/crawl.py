@@ -674,7 +674,7 @@ class Crawler:
 
 def _decode(data: bytes, max_pixels: int) -> Image.Image:
     # Imported here: ogclip.transforms pulls in torch, which a crawl otherwise never needs.
-    from ogclip.transforms import decode_image
+    from ogclip.decode import decode_image
 
     return decode_image(data, max_pixels)
 

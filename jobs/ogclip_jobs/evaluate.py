@@ -42,11 +42,12 @@ from ogclip.config import (
     TrainJobConfig,
     VisualPromptName,
 )
+from ogclip.decode import decode_image
 from ogclip.metrics import image_flops, per_class_accuracy, zero_shot_predict
 from ogclip.models import OGCLIP, truncate
 from ogclip.segment import CpuSegmenter, Sam2Segmenter, box_mask
 from ogclip.synth import TargetClass
-from ogclip.transforms import apply_visual_prompt, decode_image, image_mask_transform
+from ogclip.transforms import apply_visual_prompt, image_mask_transform
 from ogclip.zeroshot import class_embeddings
 from ogclip_jobs.data.images import decode_mask, mask_iou
 from ogclip_jobs.data.stages import present

@@ -37,9 +37,10 @@ from torch import Tensor
 
 from ogclip.bundle import export_bundle
 from ogclip.config import PromptMode, SynthStreamConfig, TrainConfig, TrainJobConfig
+from ogclip.decode import decode_image
 from ogclip.losses import LossTerms, og_clip_loss
 from ogclip.models import OGCLIP, create_model, load_checkpoint, save_checkpoint
-from ogclip.transforms import apply_visual_prompt, decode_image, image_mask_transform
+from ogclip.transforms import apply_visual_prompt, image_mask_transform
 from ogclip.zeroshot import class_embeddings
 
 _log = logging.getLogger(__name__)

@@ -25,7 +25,6 @@ import ray
 import ray.data
 from ray.data import Dataset
 from ray.data.expressions import col
-from sklearn.cluster import DBSCAN
 
 from ogclip.config import DataPipelineConfig, StageResources
 from ogclip.synth import TargetClass, spread_classes
@@ -201,7 +200,10 @@ class Pipeline:
         ds = self._input("masks")
         m = self.cfg.masks
         if m.method == "provided":
-            missing = ds.map_batches(_missing_masks, batch_format="numpy", **LIGHT).sum("missing") or 0
+            # Summed here, one small count per batch: Ray Data's global aggregate (`.sum`) starts a hash shuffle
+            # whose fixed cost is ~40 s on 2 cores.
+            missing = sum(int(batch["missing"].sum()) for batch in ds.map_batches(
+                _missing_masks, batch_format="numpy", **LIGHT).iter_batches(batch_size=None, batch_format="numpy"))
             if missing:
                 raise StageError(f"{missing} rows have no mask; use masks.method 'cpu' or 'sam2'")
             return {"rows": self._write(ds, out)}
@@ -306,6 +308,8 @@ def _dedup_keep(rows: list[dict[str, Any]], max_hamming: int) -> set[str]:
 def find_outliers(points: list[dict[str, Any]], eps: float, min_samples: int) -> list[dict[str, Any]]:
     """DBSCAN (cosine distance) within each category; noise points are outliers, scored by their cosine distance
     to the category's mean embedding (higher = further from the rest)."""
+    from sklearn.cluster import DBSCAN  # here, not at the top: every Ray worker of the pipeline imports this module
+
     by_label: dict[str, list[dict[str, Any]]] = {}
     for point in points:
         by_label.setdefault(point["label"], []).append(point)

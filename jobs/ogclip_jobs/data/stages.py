@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 
 from ogclip import segment
+from ogclip.decode import decode_image
 from ogclip.synth import TargetClass, render
-from ogclip.transforms import decode_image
 from ogclip_jobs.data.images import decode_mask, dhash, mask_iou, png_bytes, sha256
 
 _log = logging.getLogger(__name__)
