@@ -1,8 +1,9 @@
 """Curation pipeline throughput: images/s per stage and end to end on local Ray with 1 and with 2 CPUs, and the
 same work in a plain single-process loop (the baseline), all in one run.
 
-The work: render N synthetic images, dedup hashes, embeddings for the quality filter (og-clip-tiny), CPU mask
-prediction, template captions, Parquet shards. Ray's figures include its real overheads (actor start-up,
+The work: render N synthetic images, dedup hashes, embeddings for the quality filter (an og-clip-tiny bundle
+with fresh weights, exported here: the filter embeds with a bundle), CPU mask prediction, template captions,
+Parquet shards. Ray's figures include its real overheads (actor start-up,
 Parquet between stages).
 
     python bench/data.py [--images 400] [--size 64]
@@ -16,8 +17,11 @@ import time
 from pathlib import Path
 
 import ray
+import torch
 
+from ogclip.bundle import export_bundle
 from ogclip.config import CaptionConfig, DataPipelineConfig, MaskConfig, StageResources, SynthSourceConfig
+from ogclip.models import create_model
 from ogclip.synth import TargetClass
 from ogclip_jobs.data import stages
 from ogclip_jobs.data.pipeline import STAGES, Pipeline, find_outliers
@@ -37,7 +41,7 @@ def classes() -> dict[str, dict]:
     return out
 
 
-def ray_run(images: int, size: int, cpus: int) -> dict[str, float]:
+def ray_run(images: int, size: int, cpus: int, bundle: Path) -> dict[str, float]:
     """Seconds per stage on local Ray with ``cpus`` CPUs (stage actors scaled to the CPUs)."""
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     try:
@@ -47,14 +51,14 @@ def ray_run(images: int, size: int, cpus: int) -> dict[str, float]:
             cfg = DataPipelineConfig(output_dir=Path(out), source=SynthSourceConfig(per_class=per_class,
                                      image_size=size), masks=MaskConfig(method="cpu", resources=pool),
                                      captions=CaptionConfig(resources=pool))
-            cfg.quality.resources = pool
+            cfg.quality.resources, cfg.quality.model = pool, str(bundle)
             records = Pipeline(cfg, classes(), log=lambda _: None).run()
         return {name: records[name]["seconds"] for name in STAGES}
     finally:
         ray.shutdown()
 
 
-def plain_run(images: int, size: int) -> dict[str, float]:
+def plain_run(images: int, size: int, bundle: Path) -> dict[str, float]:
     """The same stage code called in one process, batch by batch, no Ray and no Parquet in between."""
     per_class = images // len(classes())
     items = {"label": [k for k in classes() for _ in range(per_class)],
@@ -74,7 +78,7 @@ def plain_run(images: int, size: int) -> dict[str, float]:
     targets = {key: TargetClass.from_facts(row) for key, row in classes().items()}
     batch = timed("ingest", stages.RenderTargets(targets, size, 0), items)
     batch = timed("dedup", stages.HashImages(), batch)
-    batch = timed("quality", stages.EmbedImages("og-clip-tiny"), batch)
+    batch = timed("quality", stages.EmbedImages(bundle), batch)
     started = time.perf_counter()
     find_outliers([{"id": i, "label": lab, "embedding": e} for i, lab, e in
                    zip(batch["id"], batch["label"], batch["embedding"], strict=True)], 0.15, 3)
@@ -92,8 +96,11 @@ def main() -> None:
     args = parser.parse_args()
     images = args.images // len(classes()) * len(classes())
 
-    runs = {"plain loop": plain_run(images, args.size), "ray 1 cpu": ray_run(images, args.size, 1),
-            "ray 2 cpus": ray_run(images, args.size, 2)}
+    with tempfile.TemporaryDirectory() as folder:
+        torch.manual_seed(0)
+        bundle = export_bundle(create_model("og-clip-tiny", device="cpu"), Path(folder) / "bundle").path
+        runs = {"plain loop": plain_run(images, args.size, bundle), "ray 1 cpu": ray_run(images, args.size, 1, bundle),
+                "ray 2 cpus": ray_run(images, args.size, 2, bundle)}
     print(f"{images} images of {args.size}px; images/s per stage (higher is better)")
     print(f"{'stage':<10}" + "".join(f"{name:>14}" for name in runs))
     for stage in STAGES:

@@ -91,6 +91,7 @@ train:
   cpus_per_worker: 1.0
   checkpoint_every: 2
   export_class_sets: [test]
+probe: {train_classes: 40, renders_per_class: 2}
 """
 
 

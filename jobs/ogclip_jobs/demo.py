@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ogclip.config import AblationConfig, DemoConfig, ProbeConfig
+from ogclip.config import AblationConfig, DemoConfig
 from ogclip.models import create_model
 from ogclip_jobs.data.pipeline import run_pipeline
 from ogclip_jobs.evaluate import VARIANTS, run_ablation, run_evaluation
@@ -45,8 +45,9 @@ def wire(cfg: DemoConfig) -> DemoConfig:
     evaluation = cfg.eval.model_copy(update={"bundle": out / "train" / train.name / "bundle",
                                              "data": test_data.output_dir / SHARDS, "output_dir": out / "eval",
                                              "prompts": "kg", "visual_prompt": "roi"})
+    probe = cfg.probe.model_copy(update={"bundle": evaluation.bundle, "output_dir": out / "probe"})
     return cfg.model_copy(update={"train_data": train_data, "test_data": test_data, "train": train,
-                                  "eval": evaluation})
+                                  "eval": evaluation, "probe": probe})
 
 
 def evaluate_bundle(cfg: DemoConfig, log: Callable[[str], None] = _log.info) -> dict[str, Any]:
@@ -64,8 +65,7 @@ def evaluate_bundle(cfg: DemoConfig, log: Callable[[str], None] = _log.info) -> 
     figures["macc_label_prompts"] = label_macc
     log(f"      the same bundle ({report['mask_mode']} masks), class embeddings from the graph's prompts: "
         f"{100 * report['macc']:.1f}% mAcc; from the class names alone: {100 * label_macc:.1f}% (eval-label/report.md)")
-    probe = run_probe(ProbeConfig(bundle=cfg.eval.bundle, output_dir=cfg.output_dir / "probe"),
-                      lambda line: log(f"      {line}"))
+    probe = run_probe(cfg.probe, lambda line: log(f"      {line}"))
     return {"eval": figures, "probe": probe["rows"]}
 
 

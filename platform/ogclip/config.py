@@ -481,6 +481,8 @@ class DemoConfig(StrictModel):
     test_data: DataPipelineConfig = DataPipelineConfig()
     train: TrainJobConfig = TrainJobConfig(model="og-clip-tiny", num_workers=1)
     eval: EvalConfig = EvalConfig()
+    probe: ProbeConfig = Field(default=ProbeConfig(), description="the attribute probes of step 4 (their bundle "
+                               "and output folder are the demo's)")
     ablation: bool = True
     ray_num_cpus: int | None = Field(default=None, ge=1)
 
