@@ -1062,12 +1062,22 @@ def _kill_under_load(service: Service, images: list[dict[str, Any]], kill: int
                 except requests.RequestException:
                     statuses[-1] += 1
 
-    def running() -> int:
+    def states() -> dict[str, int]:
         deployment = serve.status().applications[APP].deployments[service.cfg.deployment.name]
-        return deployment.replica_states.get("RUNNING", 0)
+        return {state: count for state, count in deployment.replica_states.items() if count}
 
-    replicas = sorted(replica_names(service))
-    assert len(replicas) == 2 and running() == 2
+    def steady(killed: set[str], seconds: float) -> set[str]:
+        """Wait until the deployment runs two replicas and nothing else (none starting or stopping), none of them
+        ``killed``: their actor names."""
+        deadline = time.monotonic() + seconds
+        while states() != {"RUNNING": 2} or len(names := replica_names(service) - killed) != 2:
+            assert time.monotonic() < deadline, f"the deployment did not get back to two replicas in {seconds:.0f} s"
+            time.sleep(1.0)
+        return names
+
+    # Serve may be replacing a replica when this starts (one whose health check timed out while the two cores
+    # were busy with the previous test's load): the kill is aimed at two running replicas.
+    replicas = sorted(steady(set(), 120))
     threads = [threading.Thread(target=load) for _ in range(4)]
     for thread in threads:
         thread.start()
@@ -1083,10 +1093,7 @@ def _kill_under_load(service: Service, images: list[dict[str, Any]], kill: int
         for thread in threads:  # a request waiting for a replacement replica finishes first
             thread.join()
     # The replacements start without load on the two cores: quicker, and the next test finds two replicas.
-    killed, deadline = set(replicas[:kill]), time.monotonic() + 180
-    while running() < 2 or len(replica_names(service) - killed) < 2:
-        assert time.monotonic() < deadline, "the killed replicas were not replaced"
-        time.sleep(1.0)
+    steady(set(replicas[:kill]), 180)
     return statuses, failures
 
 

@@ -171,8 +171,8 @@ class EncodedTestSet:
 def encode_test_images(model: OGCLIP, data: Path, classes: list[str], visual_prompt: VisualPromptName,
                        batch_size: int = 128, modes: Sequence[MaskMode] = ("exact",),
                        segmenter: EvalSegmenterConfig | None = None) -> EncodedTestSet:
-    """Every test image encoded once per mask mode (decoded and masked by Ray Data, encoded here): one pass, one
-    code path for all modes, so the modes differ only in the ROI mask."""
+    """Every test image encoded once per mask mode (decoded and masked by Ray Data, encoded here), in the data's
+    order: one pass, one code path for all modes, so the modes differ only in the ROI mask."""
     from ogclip_jobs.runtime import ensure_ray
 
     ensure_ray()
@@ -185,6 +185,7 @@ def encode_test_images(model: OGCLIP, data: Path, classes: list[str], visual_pro
         DecodeTestImages, fn_constructor_kwargs={"preprocess": preprocess.model_dump(mode="json"), "classes": classes,
                                                  "modes": list(modes), "segmenter": segmenter.model_dump(mode="json")},
         batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=1), batch_format="numpy", **stage)
+    ds.context.execution_options.preserve_order = True  # features in the data's order, whatever the blocks' timing
     model.eval()
     features: dict[str, list[torch.Tensor]] = {mode: [] for mode in modes}
     ious: dict[str, list[np.ndarray]] = {mode: [] for mode in modes}
