@@ -164,9 +164,49 @@ def test_the_platform_logs_through_logging_to_stderr(capfd: pytest.CaptureFixtur
         assert " DEBUG ogclip_kg.server: shown at DEBUG" in lines[1]
         with pytest.raises(ValueError, match="unknown log level"):
             configure_logging("LOUD")
+        configure_logging("INFO", "json")
+        try:
+            raise KeyError("boom")
+        except KeyError:
+            logging.getLogger("ogclip_jobs.evaluate").exception("failed on %d images", 3)
+        record = json.loads(capfd.readouterr().err)  # one record, one line
+        assert record["levelname"] == "ERROR" and record["name"] == "ogclip_jobs.evaluate"
+        assert record["message"] == "failed on 3 images" and "KeyError: 'boom'" in record["exc_text"]
     finally:
         for name, (handlers, level, propagate) in saved.items():
             logger = logging.getLogger(name)
             logger.handlers[:] = handlers
             logger.setLevel(level)
             logger.propagate = propagate
+
+
+# A job's own Ray: a task logs through the platform's logger; where its record lands and how it reads.
+_WORKER_LOG_SCRIPT = """
+import logging, ray
+from ogclip_jobs.runtime import ensure_ray, ray_log_folder
+
+@ray.remote
+def work():
+    logging.getLogger("ogclip_jobs.data.stages").info("stage row %d", 7)
+    logging.getLogger("ogclip_jobs.data.stages").debug("not at INFO")
+
+ensure_ray(num_cpus=1)
+ray.get(work.remote())
+print(ray_log_folder())
+ray.shutdown()
+"""
+
+
+def test_ray_workers_log_at_the_platforms_level_in_its_format() -> None:
+    env = {**os.environ, "OGCLIP_LOG_FORMAT": "json", "OGCLIP_LOG_LEVEL": "INFO"}
+    result = subprocess.run([sys.executable, "-c", _WORKER_LOG_SCRIPT], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "stage row" not in result.stderr, "workers' records stay in Ray's session folder unless verbose"
+    folder = Path(result.stdout.strip().splitlines()[-1])
+    lines = [line for path in folder.glob("worker-*.err") for line in path.read_text().splitlines()
+             if "stage row" in line or "not at INFO" in line]
+    assert len(lines) == 1, lines
+    record = json.loads(lines[0])
+    assert record["message"] == "stage row 7" and record["levelname"] == "INFO"
+    assert record["job_id"] and record["worker_id"] and record["task_name"] == "work"

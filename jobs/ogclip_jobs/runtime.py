@@ -2,7 +2,9 @@
 
 Console output: a job prints its own progress lines; Ray's own logs (driver INFO lines, worker output, Ray Data's
 progress reports) stay in Ray's session folder unless ``OGCLIP_LOG_LEVEL`` is ``DEBUG`` (``ogclip -v``). Ray Data's
-progress bars are shown only where a terminal is attached.
+progress bars are shown only where a terminal is attached. In the job's tasks and actors, Ray's ``LoggingConfig``
+sets up ``logging`` at ``OGCLIP_LOG_LEVEL`` and in ``OGCLIP_LOG_FORMAT`` (text or JSON), each record tagged with
+Ray's job, node, worker and task ids; the driver's console is the platform's own (``configure_logging``).
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ import os
 import sys
 
 import ray
+from ray.job_config import JobConfig
 
-from ogclip.settings import get_settings, keep_local_ray_on_loopback
+from ogclip.settings import get_settings, keep_local_ray_on_loopback, log_level_number
 from ogclip_kg.store import GraphStore
 
 # Ray loggers that report routine progress on the driver; a job shows their warnings only when verbose.
@@ -34,10 +37,10 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     loud = verbose()
     quiet = {} if loud else {"log_to_driver": False, "logging_level": logging.ERROR}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(**quiet)
+        ray.init(job_config=job_config(), **quiet)
     else:
         keep_local_ray_on_loopback()
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **quiet)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, job_config=job_config(), **quiet)
     if not loud:
         for name in _RAY_LOGGERS:
             logging.getLogger(name).setLevel(logging.ERROR)
@@ -47,6 +50,18 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     # Ray 2.60's V2 file readers list files in a task that asks for a whole CPU and cannot be told otherwise;
     # beside a stage actor or a training worker on a small Ray it never schedules and the job hangs.
     context.use_datasource_v2 = False
+
+
+def job_config() -> JobConfig:
+    """The job's config: Ray's ``LoggingConfig`` for its tasks and actors, at the platform's log level and format.
+    It goes in the job config rather than ``ray.init(logging_config=…)``, which would also give the driver's root
+    logger a handler of Ray's (every library's INFO lines on the console)."""
+    settings = get_settings()
+    config = JobConfig()
+    log_level_number(settings.log_level)  # a clear error for a bad OGCLIP_LOG_LEVEL before Ray starts
+    config.set_py_logging_config(ray.LoggingConfig(encoding=settings.log_format.upper(),
+                                                   log_level=settings.log_level.upper()))
+    return config
 
 
 def ray_log_folder() -> str | None:

@@ -6,12 +6,14 @@ belongs to the machine or deployment: where data goes, which device, how to reac
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import sys
 from contextlib import ExitStack
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -25,7 +27,11 @@ class Settings(BaseSettings):
     home: Path = Field(default=Path(".ogclip"), description="Root folder for data, checkpoints and bundles.")
     device: str = Field(default="auto", description="Torch device; 'auto' picks CUDA when present.")
     log_level: str = Field(default="INFO", description="Level of the platform's loggers on the console (DEBUG also "
-                           "shows Ray's own logs: `ogclip -v`).")
+                           "shows Ray's own logs: `ogclip -v`), and of every Ray worker's loggers in a job.")
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="How log records are written: text, or one JSON object per line (the console's "
+        "records, and through Ray's LoggingConfig those of every task and actor of a job, with Ray's job, node, "
+        "worker and task ids), for a log pipeline to route and filter.")
     neo4j_uri: str | None = Field(default=None, description="Bolt URI of a Neo4j server; unset = embedded server.")
     neo4j_user: str = Field(default="neo4j", description="User for neo4j_uri (the embedded server's is 'root').")
     neo4j_password: SecretStr | None = Field(
@@ -118,18 +124,40 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-def configure_logging(level: str | None = None) -> None:
-    """Send the platform's loggers to stderr at ``level`` (default ``OGCLIP_LOG_LEVEL``): the message alone at INFO
-    and above, so the console reads as the job's progress lines; time, level and logger name at DEBUG. The command
-    line does this once per process; a program that embeds the platform configures ``logging`` its own way, and the
-    loggers then reach its handlers as usual. Calling it again replaces the handler, never adds a second."""
-    name = (level or get_settings().log_level).upper()
-    numeric = logging.getLevelName(name)
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record, with the keys of Ray's JSON log encoding (``asctime``, ``levelname``,
+    ``message``, ``filename``, ``lineno``) and the logger's ``name``; ``exc_text`` holds a traceback."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"asctime": self.formatTime(record), "levelname": record.levelname, "name": record.name,
+               "message": record.getMessage(), "filename": record.filename, "lineno": record.lineno}
+        if record.exc_info:
+            out["exc_text"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def log_level_number(level: str) -> int:
+    """The ``logging`` level of a name (DEBUG, INFO, WARNING, ERROR); ValueError for any other."""
+    numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
-        raise ValueError(f"unknown log level {name!r}; expected DEBUG, INFO, WARNING or ERROR")
+        raise ValueError(f"unknown log level {level!r}; expected DEBUG, INFO, WARNING or ERROR")
+    return numeric
+
+
+def configure_logging(level: str | None = None, log_format: str | None = None) -> None:
+    """Send the platform's loggers to stderr at ``level`` (default ``OGCLIP_LOG_LEVEL``), as ``log_format`` says
+    (default ``OGCLIP_LOG_FORMAT``). Text: the message alone at INFO and above, so the console reads as the job's
+    progress lines; time, level and logger name at DEBUG. JSON: :class:`JsonFormatter`. The command line does this
+    once per process; a program that embeds the platform configures ``logging`` its own way, and the loggers then
+    reach its handlers as usual. Calling it again replaces the handler, never adds a second."""
+    settings = get_settings()
+    numeric = log_level_number(level or settings.log_level)
     handler = _StderrHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s" if numeric < logging.INFO
-                                           else "%(message)s"))
+    if (log_format or settings.log_format) == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"
+                                               if numeric < logging.INFO else "%(message)s"))
     handler.set_name("ogclip-console")
     for package in PACKAGE_LOGGERS:
         logger = logging.getLogger(package)
