@@ -158,3 +158,36 @@ def test_training_ensemble_is_the_vector_classes_are_classified_by(model: ogclip
     model.zero_grad(set_to_none=True)
     with pytest.raises(ValueError, match="one group per feature row"):
         model(images, model.tokenize(texts), masks, owner[:-1])
+
+
+def vit_flops(image_size: int, patch: int, width: int, layers: int, mlp_ratio: float, embed_dim: int) -> int:
+    """A ViT's forward FLOPs for one image with its mask, by hand: 2 per multiply-accumulate of the patch and ROI
+    convolutions, every layer's QKV, attention (Q·Kᵀ and ·V), out-projection and MLP, and the final projection."""
+    patches = (image_size // patch) ** 2
+    tokens = patches + 1  # the class token
+    mlp = int(width * mlp_ratio)
+    convs = 2 * patches * width * (3 + 1) * patch * patch  # RGB patch conv + the ROI conv on the mask
+    layer = 2 * tokens * width * (3 * width + width + 2 * mlp) + 2 * 2 * tokens * tokens * width
+    return convs + layers * layer + 2 * width * embed_dim
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_image_flops_count_every_matmul_in_eval_and_train_mode(micro_openclip: ogclip.OGCLIP, training: bool) -> None:
+    from ogclip.metrics import image_flops
+
+    vision = MICRO_OPENCLIP["vision_cfg"]
+    micro_openclip.train(training)
+    try:
+        counted = image_flops(micro_openclip, vision["image_size"])
+    finally:
+        micro_openclip.eval()
+    assert counted == vit_flops(vision["image_size"], vision["patch_size"], vision["width"], vision["layers"], 4.0,
+                                MICRO_OPENCLIP["embed_dim"])
+    assert torch.backends.mha.get_fastpath_enabled(), "the fused path is switched back on"
+
+
+def test_image_flops_of_og_clip_vit_b_16_match_the_analytic_count() -> None:
+    from ogclip.metrics import image_flops
+
+    model = ogclip.create_model("og-clip-vit-b-16").eval()
+    assert image_flops(model, 224) == vit_flops(224, 16, 768, 12, 4.0, model.cfg.embed_dim)  # 35.2 GFLOPs

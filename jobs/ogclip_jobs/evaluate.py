@@ -372,7 +372,7 @@ def report_markdown(name: str, scores: dict[str, Any], rows: list[dict[str, Any]
               f"By embedding size ({labels[0]} masks):", "",
               _table(["dim", *map(str, scores["macc_by_dim"])], [["mAcc %", *(100 * v for v in
                                                                              scores["macc_by_dim"].values())]]), "",
-              _table(["params (M)", "trainable (M)", "GFLOPs/image", "images/s"],
+              _table(["params (M)", "trainable (M)", "GFLOPs/image (2 × MACs, forward)", "images/s"],
                      [[costs["params_M"], costs["trainable_M"], f"{costs['gflops_per_image']:.3f}",
                        costs["images_per_s"]]]), "",
               _table(["class", "super-category", "look", *(f"{label} top-1 %" for label in labels)],

@@ -29,14 +29,35 @@ def mean_class_accuracy(predictions: Tensor, labels: Tensor, num_classes: int) -
     return float(per_class_accuracy(predictions, labels, num_classes).nanmean())
 
 
+def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """Scaled dot-product attention as CPUs run it (an op torch's FLOP counter has no formula for): the same count
+    as the GPU kernels, Q·Kᵀ and its product with V."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
 @torch.no_grad()
 def image_flops(model: torch.nn.Module, image_size: int) -> int:
-    """FLOPs of encoding one image with its mask (torch's FLOP counter: matmuls and convolutions)."""
+    """FLOPs of encoding one image with its mask: 2 per multiply-accumulate of every matmul (attention's included)
+    and convolution, forward only; normalisation, activations and softmax are not counted (fvcore's and open_clip's
+    convention, × 2).
+
+    Counted with torch's FLOP counter, which sees neither ``nn.MultiheadAttention``'s fused inference path (its
+    in-projection, attention and out-projection are one op) nor the CPU's attention kernel: the fused path is
+    switched off while counting (the same arithmetic, run op by op) and the CPU kernel gets the GPU kernels' formula.
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
     device = next(model.parameters()).device
     image = torch.zeros(1, 3, image_size, image_size, device=device)
-    counter = FlopCounterMode(display=False)
-    with counter:
-        model.encode_image(image, torch.ones(1, 1, image_size, image_size, device=device))
+    counter = FlopCounterMode(display=False, custom_mapping={
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops})
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with counter:
+            model.encode_image(image, torch.ones(1, 1, image_size, image_size, device=device))
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     return int(counter.get_total_flops())
