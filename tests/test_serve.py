@@ -1075,8 +1075,8 @@ def _kill_under_load(service: Service, images: list[dict[str, Any]], kill: int
             time.sleep(1.0)
         return names
 
-    # Serve may be replacing a replica when this starts (one whose health check timed out while the two cores
-    # were busy with the previous test's load): the kill is aimed at two running replicas.
+    # Serve may still be replacing a replica when this starts (seen once: two replica actors, one of them RUNNING,
+    # right after the previous test's load): the kill is aimed at two running replicas.
     replicas = sorted(steady(set(), 120))
     threads = [threading.Thread(target=load) for _ in range(4)]
     for thread in threads:
