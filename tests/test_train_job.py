@@ -25,7 +25,7 @@ from ogclip.synth import TargetClass, render
 from ogclip.transforms import apply_visual_prompt
 from ogclip_jobs.data.images import png_bytes
 from ogclip_jobs.evaluate import VARIANTS, variant_config, zero_shot_scores
-from ogclip_jobs.train import prompts_for, sample_texts
+from ogclip_jobs.train import build_model_config_preprocess, prompts_for, sample_texts
 
 
 @pytest.fixture
@@ -203,6 +203,10 @@ def test_ablation_variants_share_the_budget() -> None:
     assert all(c.train == base.train and c.model == base.model and not c.export for c in configs.values())
     assert configs["CLIP"].prompts == "label" and configs["CLIP"].visual_prompt == "none"
     assert configs["+Adaptive MRL (OG-CLIP)"].mrl == "adaptive" and configs["plain MRL"].mrl == "uniform"
+    # The variants that read no mask do not zoom onto the object either; the others keep the architecture's zoom.
+    zooms = {name: build_model_config_preprocess(c)["roi_zoom"] for name, c in configs.items()}
+    assert zooms["CLIP"] == zooms["+KG-Aug"] == 1.0
+    assert {zooms[name] for name in VARIANTS if configs[name].visual_prompt != "none"} == {2.0}
     stream = base.model_copy(update={"data": SynthStreamConfig(seed=10)})
     seeded = [variant_config(stream, "+ROI", seed) for seed in (0, 1, 2)]
     assert len({c.name for c in seeded}) == 3 and [c.seed for c in seeded] == [0, 1, 2]
@@ -226,7 +230,7 @@ def test_synthetic_stream_renders_fresh_deterministic_rows(graph) -> None:
 
     keys = [r["key"] for r in graph.read(cypher.CLASS_SET_KEYS, key="train")][:40]
     facts = {row["key"]: row for row in fetch_class_facts(graph, keys)}
-    preprocess = PreprocessConfig(image_size=32).model_dump(mode="json")
+    preprocess = PreprocessConfig(image_size=32, roi_zoom=2.0).model_dump(mode="json")
     stage = RenderForTraining(preprocess, facts, seed=3)
     batch = stage({"id": list(range(64))})
     assert batch["image"].shape == (64, 3, 32, 32) and batch["mask"].shape == (64, 1, 32, 32)
@@ -238,13 +242,14 @@ def test_synthetic_stream_renders_fresh_deterministic_rows(graph) -> None:
     assert (again["image"] == batch["image"][5:7]).all() and list(again["key"]) == list(batch["key"][5:7])
     other = RenderForTraining(preprocess, facts, seed=4)({"id": [5, 6]})
     assert not (other["image"] == batch["image"][5:7]).all()
-    # The batch-wide normalisation is the evaluation transform's, on the same pixels.
+    # A row is the evaluation transform (the model's ROI zoom included) of the render's pixels.
     from ogclip.transforms import image_mask_transform
 
     index = int(batch["label"][0])
     draw = int.from_bytes(hashlib.sha256(b"3:0").digest()[:16], "big")
     sample = render(stage.targets[index], seed=draw >> 64, size=32)
-    image, mask = image_mask_transform(PreprocessConfig(image_size=32))(sample.image, sample.mask)
+    image, mask = image_mask_transform(PreprocessConfig.model_validate(preprocess))(sample.image, sample.mask)
+    assert float(mask.mean()) > 2 * sample.area, "zoomed onto the target"
     torch.testing.assert_close(torch.from_numpy(batch["image"][0]), image, atol=1e-5, rtol=0)
     torch.testing.assert_close(torch.from_numpy(batch["mask"][0]), mask)
 

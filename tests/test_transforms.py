@@ -11,7 +11,7 @@ from PIL import Image
 
 from ogclip.config import PreprocessConfig
 from ogclip.decode import ImageDecodeError, decode_image
-from ogclip.transforms import image_mask_transform
+from ogclip.transforms import ROI_MARGIN, image_mask_transform, roi_window
 
 
 def _png(image: Image.Image) -> bytes:
@@ -45,14 +45,15 @@ def test_refuses_truncated_files() -> None:
         decode_image(data[: len(data) // 2])
 
 
+@pytest.mark.parametrize("zoom", [1.0, 2.0])
 @pytest.mark.parametrize("train", [False, True])
-def test_mask_stays_aligned_with_its_image(train: bool) -> None:
+def test_mask_stays_aligned_with_its_image(train: bool, zoom: float) -> None:
     """A red square and its mask: after any geometric transform the masked pixels are the red ones."""
     pixels = np.zeros((80, 100, 3), dtype=np.uint8)
     pixels[20:50, 30:70] = (255, 0, 0)
     mask = np.zeros((80, 100), dtype=np.uint8)
     mask[20:50, 30:70] = 255
-    cfg = PreprocessConfig(image_size=48, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    cfg = PreprocessConfig(image_size=48, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), roi_zoom=zoom)
     torch.manual_seed(0)
     transform = image_mask_transform(cfg, train=train)
     for _ in range(5):
@@ -70,3 +71,44 @@ def test_missing_mask_is_all_ones_and_mismatched_mask_is_refused() -> None:
     assert torch.equal(mask, torch.ones(1, 32, 32))
     with pytest.raises(ValueError, match="mask is"):
         transform(Image.new("RGB", (40, 40)), np.zeros((20, 20)))
+
+
+def _square_mask(height: int, width: int, top: int, left: int, side: int) -> torch.Tensor:
+    mask = torch.zeros(1, height, width)
+    mask[0, top:top + side, left:left + side] = 1.0
+    return mask
+
+
+def test_roi_window_zooms_onto_the_object_and_stays_inside_the_image() -> None:
+    # A 10 px object in the middle of 64 px: a 32 px window around it.
+    assert roi_window(_square_mask(64, 64, 27, 27, 10), 2.0) == (16, 16, 32)
+    # Near a corner the window moves inside the image rather than leaving it.
+    assert roi_window(_square_mask(64, 64, 0, 58, 6), 2.0) == (0, 32, 32)
+    # Non-square: the window is a fraction of the short side.
+    assert roi_window(_square_mask(60, 120, 25, 110, 10), 3.0) == (20, 100, 20)
+
+
+def test_roi_window_never_cuts_the_object() -> None:
+    row, col, side = roi_window(_square_mask(64, 64, 10, 12, 40), 2.0)
+    assert side == int(np.ceil(ROI_MARGIN * 40)) and row <= 10 and col <= 12
+    assert row + side >= 50 and col + side >= 52
+    # An object as large as the frame leaves the frame whole.
+    assert roi_window(torch.ones(1, 64, 64), 4.0) == (0, 0, 64)
+
+
+def test_roi_window_is_off_without_zoom_or_object() -> None:
+    assert roi_window(_square_mask(64, 64, 27, 27, 10), 1.0) is None
+    assert roi_window(torch.zeros(1, 64, 64), 2.0) is None
+
+
+def test_zoom_keeps_relative_size() -> None:
+    """A fixed fraction of the frame, not the object's box: a larger object stays larger after the zoom."""
+    transform = image_mask_transform(PreprocessConfig(image_size=64, roi_zoom=2.0))
+    areas = []
+    for side in (8, 16):
+        mask = _square_mask(64, 64, 20, 20, side)[0].numpy()
+        _, out = transform(Image.new("RGB", (64, 64)), mask)
+        areas.append(float(out.mean()))
+    assert areas == pytest.approx([(16 / 64) ** 2, (32 / 64) ** 2], abs=0.01)
+    image, mask = transform(Image.new("RGB", (64, 64)), None)  # no mask: the whole frame, all ones
+    assert torch.equal(mask, torch.ones(1, 64, 64))

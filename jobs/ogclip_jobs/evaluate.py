@@ -113,8 +113,9 @@ def resolve_segmenter(cfg: EvalSegmenterConfig) -> tuple[EvalSegmenterConfig, st
 
 
 class DecodeTestImages:
-    """Ray Data stage: test rows → the evaluation transform of each image and of its ROI mask under every mode,
-    and each mode's mask IoU against the exact mask (computed at the image's own resolution)."""
+    """Ray Data stage: test rows → the evaluation transform of each image and of its ROI mask under every mode (the
+    image's own too: a ROI zoom centres on the mode's mask), and each mode's mask IoU against the exact mask
+    (computed at the image's own resolution)."""
 
     def __init__(self, preprocess: dict[str, Any], classes: Sequence[str], modes: Sequence[MaskMode],
                  segmenter: dict[str, Any]) -> None:
@@ -129,7 +130,8 @@ class DecodeTestImages:
                 str(seg.sam2_checkpoint), seg.sam2_config, prompt=seg.prompt, device=seg.device)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        images, labels = [], []
+        labels = []
+        images: dict[str, list[np.ndarray]] = {mode: [] for mode in self.modes}
         masks: dict[str, list[np.ndarray]] = {mode: [] for mode in self.modes}
         ious: dict[str, list[float]] = {mode: [] for mode in self.modes}
         for i, label in enumerate(batch["label"]):
@@ -142,16 +144,17 @@ class DecodeTestImages:
             for mode in self.modes:
                 mask = roi_mask(mode, image, exact, self.segmenter)
                 image_t, mask_t = self.transform(image, Image.fromarray((mask * 255).astype(np.uint8)))
+                images[mode].append(image_t.numpy())
                 masks[mode].append(mask_t.numpy())
                 ious[mode].append(mask_iou(mask, exact) if given and mode != "exact" else np.nan)
-            images.append(image_t.numpy())  # the image's transform is the same under every mode
             labels.append(self.index[str(label)])
 
         def stack(arrays: list[np.ndarray], channels: int) -> np.ndarray:
             return np.stack(arrays) if arrays else np.zeros((0, channels, self.size, self.size), np.float32)
 
-        out = {"image": stack(images, 3), "label": np.asarray(labels, dtype=np.int64)}
+        out = {"label": np.asarray(labels, dtype=np.int64)}
         for mode in self.modes:
+            out[f"image_{mode}"] = stack(images[mode], 3)
             out[f"mask_{mode}"] = stack(masks[mode], 1)
             out[f"iou_{mode}"] = np.asarray(ious[mode], dtype=np.float64)
         return out
@@ -191,9 +194,9 @@ def encode_test_images(model: OGCLIP, data: Path, classes: list[str], visual_pro
     ious: dict[str, list[np.ndarray]] = {mode: [] for mode in modes}
     labels = []
     for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
-        images = torch.tensor(batch["image"])  # a copy: Ray's batch arrays are read-only
-        for mode in modes:
-            x, m = apply_visual_prompt(images, torch.tensor(batch[f"mask_{mode}"]), visual_prompt, preprocess)
+        for mode in modes:  # torch.tensor copies: Ray's batch arrays are read-only
+            x, m = apply_visual_prompt(torch.tensor(batch[f"image_{mode}"]), torch.tensor(batch[f"mask_{mode}"]),
+                                       visual_prompt, preprocess)
             features[mode].append(model.image_features(x.to(model.device), m.to(model.device)).float().cpu())
             ious[mode].append(batch[f"iou_{mode}"])
         labels.append(torch.tensor(batch["label"]))

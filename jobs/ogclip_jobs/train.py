@@ -214,11 +214,11 @@ class RenderForTraining:
     :class:`RenderStream` actor).
 
     Row ``i`` draws its class and its render seed from a hash of (``seed``, ``i``): uniform over ``classes``,
-    deterministic, and never the same picture twice. Renders come out at the model's input size, so preprocessing
-    is the normalisation alone, done for the whole batch at once. The renderer already varies pose, scale,
-    background, lighting and occlusion, so the training augmentation is not applied (a random crop would change
-    the apparent size, an attribute the classes differ by). The caption is the template captioner's, as the
-    curation pipeline writes it.
+    deterministic, and never the same picture twice. Renders come out at the model's input size and go through
+    the evaluation's preprocessing (the ROI zoom where the model has one, then normalisation). The renderer already
+    varies pose, scale, background, lighting and occlusion, so the training augmentation is not applied (a random
+    crop would change the apparent size, an attribute the classes differ by). The caption is the template
+    captioner's, as the curation pipeline writes it.
     """
 
     def __init__(self, preprocess: dict[str, Any], classes: dict[str, dict[str, Any]], seed: int) -> None:
@@ -228,8 +228,7 @@ class RenderForTraining:
 
         cfg = PreprocessConfig.model_validate(preprocess)
         self.size = cfg.image_size
-        self.mean = np.asarray(cfg.mean, np.float32).reshape(1, 3, 1, 1) * 255
-        self.std = np.asarray(cfg.std, np.float32).reshape(1, 3, 1, 1) * 255
+        self.transform = image_mask_transform(cfg)
         self.keys = sorted(classes)
         self.targets = [TargetClass.from_facts(classes[key]) for key in self.keys]
         self.captions = [description(classes[key], seed) for key in self.keys]
@@ -243,13 +242,13 @@ class RenderForTraining:
             draw = int.from_bytes(hashlib.sha256(f"{self.seed}:{int(row)}".encode()).digest()[:16], "big")
             labels.append(draw % len(self.keys))
             sample = render(self.targets[labels[-1]], seed=draw >> 64, size=self.size)
-            images.append(np.asarray(sample.image))
-            masks.append(sample.mask)
+            image, mask = self.transform(sample.image, sample.mask)
+            images.append(image.numpy())
+            masks.append(mask.numpy())
         size = self.size
-        image = np.stack(images).astype(np.float32) if images else np.zeros((0, size, size, 3), np.float32)
-        image = ((image.transpose(0, 3, 1, 2) - self.mean) / self.std).astype(np.float32)
-        mask = (np.stack(masks) if masks else np.zeros((0, size, size), np.uint8)).astype(np.float32)[:, None] / 255
-        return {"image": image, "mask": mask, "label": np.asarray(labels, dtype=np.int64),
+        return {"image": np.stack(images) if images else np.zeros((0, 3, size, size), np.float32),
+                "mask": np.stack(masks) if masks else np.zeros((0, 1, size, size), np.float32),
+                "label": np.asarray(labels, dtype=np.int64),
                 "key": np.asarray([self.keys[i] for i in labels], dtype=object),
                 "caption": np.asarray([self.captions[i] for i in labels], dtype=object)}
 
@@ -355,10 +354,19 @@ def stream_classes(store: Any, cfg: SynthStreamConfig) -> list[str]:
 # -- the training loop (runs on every Ray Train worker) ---------------------------------------------------------
 
 
+def model_overrides(cfg: TrainJobConfig) -> dict[str, Any]:
+    """What the run changes in its registry architecture: the MRL weighting, and no ROI zoom for a model that never
+    sees the mask (``visual_prompt: none``, the ablation's plain CLIP: zooming onto the object would hand it the
+    mask's location)."""
+    overrides: dict[str, Any] = {"mrl": {"weighting": cfg.mrl}} if cfg.mrl else {}
+    if cfg.visual_prompt == "none":
+        overrides["preprocess_cfg"] = {"roi_zoom": 1.0}
+    return overrides
+
+
 def build_model(cfg: TrainJobConfig, device: str | torch.device = "cpu") -> OGCLIP:
-    """The run's model: the registry architecture, the MRL override, the optional local checkpoint."""
-    overrides = {"mrl": {"weighting": cfg.mrl}} if cfg.mrl else {}
-    return create_model(cfg.model, pretrained=cfg.pretrained, device=device, **overrides)
+    """The run's model: the registry architecture with the run's overrides, the optional local checkpoint."""
+    return create_model(cfg.model, pretrained=cfg.pretrained, device=device, **model_overrides(cfg))
 
 
 def _save(model: OGCLIP, optimizer: torch.optim.Optimizer, step: int, loss_ema: float, folder: Path) -> None:
@@ -551,8 +559,7 @@ def build_model_config_preprocess(cfg: TrainJobConfig) -> dict[str, Any]:
     """The preprocessing of the run's architecture, without building the model."""
     from ogclip.models import get_model_config
 
-    overrides = {"mrl": {"weighting": cfg.mrl}} if cfg.mrl else {}
-    return get_model_config(cfg.model, **overrides).preprocess.model_dump(mode="json")
+    return get_model_config(cfg.model, **model_overrides(cfg)).preprocess.model_dump(mode="json")
 
 
 def best_model(cfg: TrainJobConfig, result: ray.train.Result) -> OGCLIP:

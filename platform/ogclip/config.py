@@ -55,6 +55,12 @@ class PreprocessConfig(StrictModel):
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+    roi_zoom: float = Field(
+        default=1.0, ge=1.0, le=8.0,
+        description="Zoom onto the object before resizing: a square window of 1/roi_zoom of the short side (larger "
+        "if the object's box needs it) centred on the mask's box; 1 keeps the whole frame. Images without a mask, "
+        "or with an all-ones or empty one, are never zoomed.",
+    )
 
 
 def _open_clip_fields(tower: Literal["vision", "text"]) -> set[str]:
@@ -78,7 +84,8 @@ class ModelConfig(StrictModel):
     init_logit_scale: float = math.log(1 / 0.07)
     mrl: MRLConfig = MRLConfig()
     preprocess_cfg: dict[str, Any] = Field(
-        default_factory=dict, description="Overrides of mean/std/interpolation; image_size comes from vision_cfg."
+        default_factory=dict,
+        description="Overrides of mean/std/interpolation/roi_zoom; image_size comes from vision_cfg.",
     )
 
     @field_validator("vision_cfg")

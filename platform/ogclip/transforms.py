@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Literal
 
@@ -16,14 +17,39 @@ from torchvision.transforms import v2 as T
 
 from ogclip.config import PreprocessConfig
 
+ROI_MARGIN = 1.15  # the zoom window is at least this much larger than the object's box: the outline stays in view
+
+
+def roi_window(mask: Tensor, zoom: float) -> tuple[int, int, int] | None:
+    """The square ``(top, left, side)`` that zooms ``zoom``× onto the object of ``mask`` (…,H,W), or None.
+
+    The window is ``1/zoom`` of the short side, or ``ROI_MARGIN`` × the object's box where that is larger (an object
+    is never cut), centred on the box and moved inside the image. A fixed fraction of the frame rather than the box
+    itself, so an object's apparent size still says how large it is. No window without zoom or without an object.
+    """
+    inside = mask.reshape(mask.shape[-2:]) > 0.5
+    if zoom <= 1.0 or not bool(inside.any()):
+        return None
+    height, width = inside.shape
+    rows = torch.nonzero(inside.any(dim=1)).flatten()
+    cols = torch.nonzero(inside.any(dim=0)).flatten()
+    top, bottom, left, right = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    short = min(height, width)
+    side = min(short, max(round(short / zoom), math.ceil(ROI_MARGIN * max(bottom - top, right - left))))
+    row = min(max(round((top + bottom - side) / 2), 0), height - side)
+    col = min(max(round((left + right - side) / 2), 0), width - side)
+    return row, col, side
+
 
 def image_mask_transform(
     cfg: PreprocessConfig, train: bool = False
 ) -> Callable[[Image.Image | Tensor, np.ndarray | Tensor | Image.Image | None], tuple[Tensor, Tensor]]:
     """Return ``f(image, mask) -> (image (3,S,S) normalised, mask (1,S,S) in [0,1])``.
 
-    Evaluation resizes the short side to S and centre-crops; training takes a random resized crop and a horizontal
-    flip, drawn once and applied to image and mask alike. A missing mask becomes all ones ("no specific region").
+    With ``cfg.roi_zoom`` > 1 the image and mask are first cut to the :func:`roi_window` around the mask's object.
+    Evaluation then resizes the short side to S and centre-crops; training takes a random resized crop and a
+    horizontal flip, drawn once and applied to image and mask alike. A missing mask becomes all ones ("no specific
+    region").
     """
     interpolation = InterpolationMode.BICUBIC if cfg.interpolation == "bicubic" else InterpolationMode.BILINEAR
     size = cfg.image_size
@@ -55,6 +81,11 @@ def image_mask_transform(
             mask_t = mask_t.reshape(1, *mask_t.shape[-2:])
             if mask_t.shape[-2:] != (height, width):
                 raise ValueError(f"mask is {tuple(mask_t.shape[-2:])}, image is {(height, width)}")
+        window = roi_window(mask_t, cfg.roi_zoom)
+        if window is not None:
+            row, col, side = window
+            img = tv_tensors.Image(img[..., row:row + side, col:col + side])
+            mask_t = mask_t[..., row:row + side, col:col + side]
         # Masks are Mask tv_tensors, so resizing uses nearest neighbour and Normalize leaves them alone.
         out_image, out_mask = pipeline(img, tv_tensors.Mask(mask_t.clamp(0.0, 1.0)))
         return out_image.as_subclass(Tensor), out_mask.as_subclass(Tensor)
