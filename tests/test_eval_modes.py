@@ -14,6 +14,7 @@ import torch
 
 from ogclip.config import EvalConfig, EvalSegmenterConfig
 from ogclip.models import create_model
+from ogclip.segment import mask_box
 from ogclip.synth import TargetClass, render
 from ogclip_jobs.cli import build_parser, main
 from ogclip_jobs.data.images import mask_iou, png_bytes
@@ -22,7 +23,6 @@ from ogclip_jobs.evaluate import (
     encode_test_images,
     evaluate_model,
     look_split,
-    mask_box,
     report_markdown,
     resolve_segmenter,
     roi_mask,

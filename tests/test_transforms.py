@@ -92,8 +92,10 @@ def test_roi_window_never_cuts_the_object() -> None:
     row, col, side = roi_window(_square_mask(64, 64, 10, 12, 40), 2.0)
     assert side == int(np.ceil(ROI_MARGIN * 40)) and row <= 10 and col <= 12
     assert row + side >= 50 and col + side >= 52
-    # An object as large as the frame leaves the frame whole.
-    assert roi_window(torch.ones(1, 64, 64), 4.0) == (0, 0, 64)
+    # An object as large as the frame leaves the frame whole: nothing to cut.
+    assert roi_window(torch.ones(1, 64, 64), 4.0) is None
+    # On a non-square frame the short side is still a cut.
+    assert roi_window(torch.ones(1, 40, 64), 4.0) == (0, 12, 40)
 
 
 def test_roi_window_is_off_without_zoom_or_object() -> None:

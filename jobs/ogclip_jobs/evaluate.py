@@ -45,7 +45,7 @@ from ogclip.config import (
 from ogclip.decode import decode_image
 from ogclip.metrics import image_flops, per_class_accuracy, zero_shot_predict
 from ogclip.models import OGCLIP, truncate
-from ogclip.segment import CpuSegmenter, Sam2Segmenter, box_mask
+from ogclip.segment import CpuSegmenter, Sam2Segmenter, box_mask, mask_box
 from ogclip.synth import TargetClass
 from ogclip.transforms import apply_visual_prompt, image_mask_transform
 from ogclip.zeroshot import class_embeddings
@@ -71,14 +71,6 @@ DIM_CURVES = {"Adaptive MRL": "+Adaptive MRL (OG-CLIP)", "plain MRL": "plain MRL
 
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
-
-
-def mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
-    """The tight bounding box (x0, y0, x1, y1; x1/y1 exclusive, in pixels) of a boolean mask; None if it is empty."""
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    if not len(rows):
-        return None
-    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
 
 
 def roi_mask(mode: MaskMode, image: Any, exact: np.ndarray, segmenter: Any = None) -> np.ndarray:

@@ -27,6 +27,14 @@ def box_pixels(box: Box, width: int, height: int) -> tuple[int, int, int, int]:
     return left, top, right, bottom
 
 
+def mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """The tight bounding box (x0, y0, x1, y1; x1/y1 exclusive, in pixels) of a boolean mask; None if it is empty."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if not len(rows):
+        return None
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
 def box_mask(box: Box, width: int, height: int) -> np.ndarray:
     """The box itself as a mask: the simplest real ROI when no segmenter is at hand."""
     left, top, right, bottom = box_pixels(box, width, height)

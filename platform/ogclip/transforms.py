@@ -16,6 +16,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
 from ogclip.config import PreprocessConfig
+from ogclip.segment import mask_box
 
 ROI_MARGIN = 1.15  # the zoom window is at least this much larger than the object's box: the outline stays in view
 
@@ -25,17 +26,18 @@ def roi_window(mask: Tensor, zoom: float) -> tuple[int, int, int] | None:
 
     The window is ``1/zoom`` of the short side, or ``ROI_MARGIN`` × the object's box where that is larger (an object
     is never cut), centred on the box and moved inside the image. A fixed fraction of the frame rather than the box
-    itself, so an object's apparent size still says how large it is. No window without zoom or without an object.
+    itself, so an object's apparent size still says how large it is. None (nothing to cut) without zoom, without an
+    object, or when the window would be the whole image.
     """
-    inside = mask.reshape(mask.shape[-2:]) > 0.5
-    if zoom <= 1.0 or not bool(inside.any()):
+    box = mask_box(mask.reshape(mask.shape[-2:]).numpy() > 0.5) if zoom > 1.0 else None
+    if box is None:
         return None
-    height, width = inside.shape
-    rows = torch.nonzero(inside.any(dim=1)).flatten()
-    cols = torch.nonzero(inside.any(dim=0)).flatten()
-    top, bottom, left, right = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    left, top, right, bottom = box
+    height, width = mask.shape[-2:]
     short = min(height, width)
     side = min(short, max(round(short / zoom), math.ceil(ROI_MARGIN * max(bottom - top, right - left))))
+    if side == height == width:  # the window would be the whole image
+        return None
     row = min(max(round((top + bottom - side) / 2), 0), height - side)
     col = min(max(round((left + right - side) / 2), 0), width - side)
     return row, col, side
