@@ -24,7 +24,7 @@ from ogclip.config import EvalConfig, PreprocessConfig, SynthStreamConfig, Train
 from ogclip.synth import TargetClass, render
 from ogclip.transforms import apply_visual_prompt
 from ogclip_jobs.data.images import png_bytes
-from ogclip_jobs.evaluate import VARIANTS, variant_config, zero_shot_scores
+from ogclip_jobs.evaluate import VARIANTS, AblationRun, variant_config, zero_shot_scores
 from ogclip_jobs.train import build_model_config_preprocess, prompts_for, sample_texts
 
 
@@ -212,6 +212,31 @@ def test_ablation_variants_share_the_budget() -> None:
     assert len({c.name for c in seeded}) == 3 and [c.seed for c in seeded] == [0, 1, 2]
     assert [c.data.seed for c in seeded] == [10, 11, 12], "each seed renders its own pictures"
     assert all(c.train == base.train for c in seeded)
+
+
+def test_an_ablation_run_is_reused_only_for_the_same_budget_and_data(tmp_path: Path) -> None:
+    data = tmp_path / "shards"
+    data.mkdir()
+    (data / "part-0.parquet").write_bytes(b"rows")
+    base = TrainJobConfig(name="demo", model="og-clip-tiny", train=TrainConfig(steps=77, batch_size=5))
+    eval_cfg = EvalConfig(data=data)
+    scores = {"macc": 0.5, "macc_by_dim": {16: 0.25, 128: 0.5}, "per_class": [0.5, float("nan")],
+              "mask_modes": {"exact": {"macc": 0.5, "macc_by_dim": {16: 0.25, 128: 0.5}}}}
+    record = AblationRun(tmp_path / "runs" / "roi-s0.json", variant_config(base, "+ROI", 0), eval_cfg)
+    assert record.load() is None, "nothing stored yet"
+    record.save(scores)
+    loaded = record.load()
+    assert loaded["macc_by_dim"] == {16: 0.25, 128: 0.5} and loaded["mask_modes"]["exact"]["macc_by_dim"][16] == 0.25
+    assert loaded["per_class"][0] == 0.5 and math.isnan(loaded["per_class"][1])
+    other_seed = AblationRun(record.path, variant_config(base, "+ROI", 1), eval_cfg)
+    other_budget = AblationRun(record.path, variant_config(base.model_copy(
+        update={"train": TrainConfig(steps=78, batch_size=5)}), "+ROI", 0), eval_cfg)
+    other_eval = AblationRun(record.path, record.train, eval_cfg.model_copy(update={"batch_size": 7}))
+    assert other_seed.load() is None and other_budget.load() is None and other_eval.load() is None
+    (data / "part-0.parquet").write_bytes(b"other rows")  # the test shards were rebuilt
+    assert record.load() is None
+    record.path.write_text("{not json")
+    assert record.load() is None, "an unreadable record is retrained, not an error"
 
 
 def test_eval_refuses_an_unknown_class_set(graph, tmp_path: Path) -> None:

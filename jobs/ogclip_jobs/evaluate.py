@@ -442,12 +442,52 @@ def _spread(values: list[float]) -> str:
     return f"{mean:.1f}" if len(values) == 1 else f"{mean:.1f} ± {100 * float(np.std(values)):.1f}"
 
 
+@dataclass(frozen=True)
+class AblationRun:
+    """Where one (variant, seed) of an ablation keeps its scores, so a stopped ablation resumes where it stopped.
+
+    A record is reused only for the same training config, evaluation config and test shards (their names, sizes and
+    modification times); any change trains that variant again.
+    """
+
+    path: Path
+    train: TrainJobConfig
+    eval: EvalConfig
+
+    def key(self) -> dict[str, Any]:
+        shards = sorted(p for p in Path(self.eval.data).rglob("*") if p.is_file())
+        return {"train": self.train.model_dump(mode="json"), "eval": self.eval.model_dump(mode="json"),
+                "data": [[str(p.relative_to(self.eval.data)), p.stat().st_size, p.stat().st_mtime_ns]
+                         for p in shards]}
+
+    def load(self) -> dict[str, Any] | None:
+        """The stored scores, or None when there are none for this key (or the file is unreadable)."""
+        try:
+            stored = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(stored, dict) or stored.get("key") != self.key():
+            return None
+        scores = stored["scores"]
+        for block in (scores, *scores["mask_modes"].values()):  # JSON made the dimensions strings
+            block["macc_by_dim"] = {int(d): v for d, v in block["macc_by_dim"].items()}
+        return scores
+
+    def save(self, scores: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"key": self.key(), "scores": scores}))
+        tmp.replace(self.path)
+
+
 def run_ablation(cfg: AblationConfig, log: Callable[[str], None] = _log.info,
                  trained: dict[str, OGCLIP] | None = None) -> dict[str, Any]:
     """Train every variant with the same budget, once per seed, and score each zero-shot on the unseen classes.
 
     ``trained`` holds variants already trained by the caller with this budget and its own seed (the demo's main
-    run is OG-CLIP). Every figure of the table is the mean ± std over ``cfg.seeds``.
+    run is OG-CLIP). Each (variant, seed) is recorded under ``output_dir/runs`` as soon as it is scored
+    (:class:`AblationRun`): run the same command again and only what is missing trains. Every figure of the table is
+    the mean ± std over ``cfg.seeds``.
     """
     from ogclip_jobs.runtime import open_graph
 
@@ -463,12 +503,21 @@ def run_ablation(cfg: AblationConfig, log: Callable[[str], None] = _log.info,
         prompts, visual, mrl = VARIANTS[name]
         runs: dict[int, dict[str, Any]] = {}
         for seed in cfg.seeds:
+            train_cfg = variant_config(cfg.train, name, seed)
+            eval_cfg = cfg.eval.model_copy(update={"prompts": prompts, "visual_prompt": visual})
             model = (trained or {}).get(name) if seed == cfg.train.seed else None
+            record = AblationRun(cfg.output_dir / "runs" / f"{_slug(name)}-s{seed}.json", train_cfg, eval_cfg)
+            scored = record.load() if model is None else None
+            if scored is not None:
+                log(f"[ablation {i}/{len(names)}] {name}, seed {seed}: scored by an earlier run with this budget "
+                    f"and data ({record.path}), not retrained")
+                runs[seed] = scored
+                continue
             if model is None:
                 log(f"[ablation {i}/{len(names)}] training {name}, seed {seed}")
-                model, _ = run_training(variant_config(cfg.train, name, seed), log)
-            runs[seed] = evaluate_model(model, rows, cfg.eval.model_copy(update={"prompts": prompts,
-                                                                                "visual_prompt": visual}), seen)
+                model, _ = run_training(train_cfg, log)
+            runs[seed] = evaluate_model(model, rows, eval_cfg, seen)
+            record.save(runs[seed])
             log(f"[ablation {i}/{len(names)}] {name}, seed {seed}: " + ", ".join(
                 f"{mode_label(mode, runs[seed]['segmenter'])} mAcc {100 * m['macc']:.1f}%"
                 for mode, m in runs[seed]["mask_modes"].items()))
