@@ -209,4 +209,5 @@ def test_ray_workers_log_at_the_platforms_level_in_its_format() -> None:
     assert len(lines) == 1, lines
     record = json.loads(lines[0])
     assert record["message"] == "stage row 7" and record["levelname"] == "INFO"
+    assert record["name"] == "ogclip_jobs.data.stages", "routable by the logger's name"
     assert record["job_id"] and record["worker_id"] and record["task_name"] == "work"

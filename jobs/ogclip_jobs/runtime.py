@@ -59,8 +59,10 @@ def job_config() -> JobConfig:
     settings = get_settings()
     config = JobConfig()
     log_level_number(settings.log_level)  # a clear error for a bad OGCLIP_LOG_LEVEL before Ray starts
+    # The logger's name too, so a platform team can route and filter records by module (``ogclip_jobs.data…``).
     config.set_py_logging_config(ray.LoggingConfig(encoding=settings.log_format.upper(),
-                                                   log_level=settings.log_level.upper()))
+                                                   log_level=settings.log_level.upper(),
+                                                   additional_log_standard_attrs=["name"]))
     return config
 
 
