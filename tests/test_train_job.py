@@ -56,20 +56,30 @@ def write_shards(graph, folder: Path, classes: int = 6, per_class: int = 8) -> l
     return keys
 
 
+def _parent(pid: int) -> int:
+    # /proc/PID/stat: "pid (comm) state ppid ..."; comm may hold spaces and parentheses, so read after the last ")".
+    return int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
 def _train_worker_pids() -> list[int]:
-    """Ray names worker processes after their actor (``ray::RayTrainWorker...``); no dashboard is needed to find
-    them this way."""
+    """This test's Ray Train workers: processes named after their actor (``ray::RayTrainWorker...``; no dashboard
+    is needed to find them this way) that descend from this process, the driver of the test's Ray, so that a Ray
+    job of someone else on the machine is never touched."""
     pids = []
     for proc in Path("/proc").iterdir():
         try:
-            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
+            if not (proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker")):
+                continue
+            ancestor = int(proc.name)
+            while ancestor > 1 and ancestor != os.getpid():
+                ancestor = _parent(ancestor)
+            if ancestor == os.getpid():
                 pids.append(int(proc.name))
-        except OSError:
+        except (OSError, ValueError, IndexError):
             continue
     return sorted(pids)
 
 
-@pytest.mark.slow
 def test_two_worker_training_survives_a_killed_worker_then_exports(tmp_path: Path, graph, job_settings,
                                                                      local_ray) -> None:
     """Two gloo workers; once the first checkpoint exists one worker is SIGKILLed. The run resumes from the
