@@ -21,9 +21,10 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from ogclip.config import TrainConfig, TrainJobConfig
+from ogclip.config import OGCLIPRecipeConfig, TrainConfig, TrainJobConfig
 from ogclip.metrics import image_flops
 from ogclip.models import create_model
+from ogclip.recipes import TrainBatch, create_recipe
 from ogclip.synth import PATTERNS, TargetClass, render
 from ogclip_jobs.data.images import png_bytes
 from ogclip_jobs.train import DecodeForTraining, build_model_config_preprocess, build_optimizer, fit, train_step
@@ -58,7 +59,8 @@ def plain_loop(cfg: TrainJobConfig, prompts: dict[str, list[str]], steps: int) -
     decoded = DecodeForTraining(build_model_config_preprocess(cfg), classes)(
         pq.read_table(next(Path(cfg.data).glob("*.parquet"))).to_pydict())
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker * cfg.num_workers)))
-    model = create_model(cfg.model, device="cpu")
+    recipe = create_recipe(cfg.recipe)
+    model = recipe.build_model(cfg.model, device="cpu")
     optimizer = build_optimizer(model, cfg.train)
     generator, rng = torch.Generator().manual_seed(0), random.Random(0)
     images, masks = torch.from_numpy(decoded["image"]), torch.from_numpy(decoded["mask"])
@@ -70,7 +72,9 @@ def plain_loop(cfg: TrainJobConfig, prompts: dict[str, list[str]], steps: int) -
             started = time.perf_counter()
         index = torch.randint(len(labels), (batch,), generator=generator)
         texts = model.tokenize([rng.choice(prompts[classes[int(i)]]) for i in labels[index]])
-        train_step(model, optimizer, step, cfg.train, images[index], masks[index], texts, labels[index], generator)
+        inputs = TrainBatch(images=images[index], masks=masks[index], texts=texts, text_owner=torch.arange(batch),
+                            labels=labels[index])
+        train_step(model, recipe, optimizer, step, cfg.train, inputs, generator)
     return steps * batch / (time.perf_counter() - started)
 
 
@@ -106,15 +110,17 @@ def gpu_figures(steps: int) -> None:
     masks = (torch.rand(32, 1, size, size, device=device) > 0.5).float()
     texts = model.tokenize([f"a photo of target {i}" for i in range(32)])
     labels = torch.arange(32, device=device)
+    batch = TrainBatch(images=images, masks=masks, texts=texts, text_owner=labels, labels=labels)
+    recipe = create_recipe(OGCLIPRecipeConfig())
     generator = torch.Generator().manual_seed(0)
     counter = FlopCounterMode(display=False)
     with counter:
-        train_step(model, optimizer, 0, cfg, images, masks, texts, labels, generator, torch.bfloat16)
+        train_step(model, recipe, optimizer, 0, cfg, batch, generator, torch.bfloat16)
     flops = counter.get_total_flops()
     torch.cuda.synchronize()
     t = time.perf_counter()
     for step in range(1, steps + 1):
-        train_step(model, optimizer, step, cfg, images, masks, texts, labels, generator, torch.bfloat16)
+        train_step(model, recipe, optimizer, step, cfg, batch, generator, torch.bfloat16)
     torch.cuda.synchronize()
     rate = steps * 32 / (time.perf_counter() - t)
     bound = peak / (flops / 32)

@@ -61,3 +61,49 @@ def test_tampered_or_incomplete_bundles_are_refused(tmp_path: Path, micro_minilm
         read_bundle_info(bundle.path)
     with pytest.raises(ogclip.BundleError, match="not a bundle"):
         read_bundle_info(tmp_path / "nowhere")
+
+
+def test_a_bundle_records_its_architecture_and_recipe(tmp_path: Path, micro_minilm: ogclip.OGCLIP) -> None:
+    bundle = ogclip.export_bundle(micro_minilm, tmp_path / "b", recipe="og-clip")
+    info = read_bundle_info(bundle.path)
+    assert (info.architecture, info.recipe) == ("og-clip", "og-clip") == (bundle.architecture, bundle.recipe)
+    assert ogclip.export_bundle(micro_minilm, tmp_path / "c").model_version != bundle.model_version, \
+        "the recipe is part of what the version names"
+
+
+def test_a_bundle_of_another_architecture_loads_through_the_registry(tmp_path: Path,
+                                                                     micro_minilm: ogclip.OGCLIP) -> None:
+    from ogclip.models import build_model, register_architecture
+    from ogclip.models.registry import _ARCHITECTURES
+
+    class Variant(ogclip.OGCLIP):
+        pass
+
+    register_architecture("variant-for-test")(Variant)
+    try:
+        cfg = micro_minilm.cfg.model_copy(update={"architecture": "variant-for-test"})
+        model = build_model(cfg, name="variant")
+        assert type(model) is Variant
+        bundle = ogclip.export_bundle(model, tmp_path / "variant")
+        loaded, info = ogclip.load_bundle(bundle.path, device="cpu")
+        assert type(loaded) is Variant and info.architecture == "variant-for-test"
+        with pytest.raises(ValueError, match="already registered"):
+            register_architecture("variant-for-test")(ogclip.OGCLIP)
+    finally:
+        _ARCHITECTURES.pop("variant-for-test")
+    with pytest.raises(ValueError, match="unknown architecture 'variant-for-test'"):
+        ogclip.load_bundle(bundle.path, device="cpu")
+
+
+def test_a_bundle_from_before_the_architecture_key_reads_as_og_clip(tmp_path: Path,
+                                                                     micro_minilm: ogclip.OGCLIP) -> None:
+    from ogclip.bundle import MANIFEST, PAYLOAD, _sha256, _version
+
+    bundle = ogclip.export_bundle(micro_minilm, tmp_path / "old")
+    config = json.loads((bundle.path / "model_config.json").read_text())
+    del config["config"]["architecture"], config["recipe"]
+    (bundle.path / "model_config.json").write_text(json.dumps(config))
+    hashes = {name: _sha256(bundle.path / name) for name in PAYLOAD}
+    (bundle.path / MANIFEST).write_text(json.dumps({"model_version": _version(hashes), "files": hashes}))
+    model, info = ogclip.load_bundle(bundle.path, device="cpu")
+    assert isinstance(model, ogclip.OGCLIP) and (info.architecture, info.recipe) == ("og-clip", None)

@@ -84,8 +84,7 @@ train:
   name: tiny
   model: og-clip-tiny
   data: {kind: synth, class_set: train, max_classes: 4, prefetch: 1}
-  caption_ratio: 0.0
-  hard_negatives: 2
+  recipe: {kind: og-clip, caption_ratio: 0.0, hard_negatives: 2}
   train: {lr: 5.0e-4, min_lr: 5.0e-5, warmup_steps: 1, steps: 4, batch_size: 8}
   num_workers: 1
   cpus_per_worker: 1.0

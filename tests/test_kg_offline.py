@@ -5,10 +5,11 @@ from __future__ import annotations
 import collections
 
 import pytest
+import torch
 
 from ogclip.synth import COLOURS, PATTERNS, SILHOUETTES, SIZES
 from ogclip_kg import cypher
-from ogclip_kg.prompts import class_prompts, description, vlm_prompt
+from ogclip_kg.prompts import class_prompts, description, embed_classes, prompt_texts, prompts_for, vlm_prompt
 from ogclip_kg.quality import near_duplicates
 from ogclip_kg.seeds import (
     build_seed,
@@ -155,6 +156,18 @@ def test_prompts_carry_the_facts_and_are_deterministic() -> None:
     assert {description(ROW, seed=s) for s in range(8)} != {text}, "the seed varies the wording"
     vlm = vlm_prompt(ROW)
     assert "F-16" in vlm and "USAF" in vlm and "silhouette" in vlm
+
+
+def test_graph_facts_become_class_embeddings_through_one_function(micro_minilm) -> None:
+    from ogclip.zeroshot import class_embeddings
+
+    facts = [f if f["attribute"] != "colour" else {"attribute": "colour", "value": "white"} for f in ROW["facts"]]
+    other = {**ROW, "key": "other", "facts": facts}
+    prompts, vectors = embed_classes(micro_minilm, [ROW, other], "kg", seed=0)
+    assert prompts == prompts_for([ROW, other]) and prompts[ROW["key"]] == prompt_texts(ROW, "kg")
+    assert vectors.shape == (2, micro_minilm.cfg.embed_dim)
+    assert torch.allclose(vectors, class_embeddings(micro_minilm, prompts), atol=1e-6)
+    assert not torch.allclose(vectors[0], vectors[1]), "another body colour, another class vector"
 
 
 def test_near_duplicates_by_trigram_similarity() -> None:

@@ -63,7 +63,8 @@ def test_total_is_clip_plus_mrl_plus_weighted_bpa(weighting: str) -> None:
     else:
         assert terms.bpa > 0 and float(terms.alpha.min()) >= 0.5 / 8 - 1e-6
         torch.testing.assert_close(terms.alpha.sum(), torch.tensor(1.0))
-    assert len(terms.as_dict()["alpha"]) == 8  # logged every step
+    assert set(terms.named()) == {"loss", "loss_clip", "loss_mrl", "loss_bpa", "alpha"}  # all logged every step
+    assert terms.named()["alpha"].shape == (8,)
     terms.total.backward()
     assert torch.isfinite(image.grad).all()
 

@@ -1,4 +1,4 @@
-"""The training step: schedule, optimiser groups, hybrid sampling, and real learning on a small batch."""
+"""The training step: schedule, optimiser groups, and real learning on a small batch (the recipes: test_recipes)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import torch
 from conftest import images_and_masks
 
 import ogclip
-from ogclip.config import TrainConfig
-from ogclip_jobs.train import build_optimizer, hybrid_masks, learning_rate, train_step
+from ogclip.config import OGCLIPRecipeConfig, TrainConfig
+from ogclip.recipes import TrainBatch, create_recipe
+from ogclip_jobs.train import build_optimizer, learning_rate, train_step
 
 
 def test_schedule_warms_up_linearly_then_follows_a_cosine_to_min_lr() -> None:
@@ -25,7 +26,8 @@ def test_schedule_warms_up_linearly_then_follows_a_cosine_to_min_lr() -> None:
 
 def test_paper_recipe_is_the_default() -> None:
     cfg = TrainConfig()
-    assert (cfg.lr, cfg.min_lr, cfg.weight_decay, cfg.grad_clip_norm, cfg.hybrid_ratio) == (5e-5, 5e-6, 0.05, 1.0, 0.1)
+    assert (cfg.lr, cfg.min_lr, cfg.weight_decay, cfg.grad_clip_norm) == (5e-5, 5e-6, 0.05, 1.0)
+    assert OGCLIPRecipeConfig().hybrid_ratio == 0.1
 
 
 def test_optimizer_skips_frozen_and_does_not_decay_gains(micro_openclip: ogclip.OGCLIP) -> None:
@@ -37,21 +39,16 @@ def test_optimizer_skips_frozen_and_does_not_decay_gains(micro_openclip: ogclip.
     assert id(micro_openclip.visual.conv1.roi.weight) in decayed
 
 
-def test_hybrid_sampling_rate() -> None:
-    generator = torch.Generator().manual_seed(0)
-    masks = torch.zeros(2, 1, 4, 4)
-    ones = sum(bool(hybrid_masks(masks, 0.1, generator).all()) for _ in range(2000))
-    assert 150 < ones < 250
-
-
 def test_steps_reduce_the_loss_on_a_fixed_batch(micro_minilm: ogclip.OGCLIP) -> None:
     model = copy.deepcopy(micro_minilm)
-    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=2, steps=30, hybrid_ratio=0.0)
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=2, steps=30)
+    recipe = create_recipe(OGCLIPRecipeConfig(hybrid_ratio=0.0))
     optimizer = build_optimizer(model, cfg)
     images, masks = images_and_masks(batch=6)
-    texts = model.tokenize([f"target number {i}" for i in range(6)])
+    batch = TrainBatch(images=images, masks=masks, texts=model.tokenize([f"target number {i}" for i in range(6)]),
+                       text_owner=torch.arange(6), labels=torch.arange(6))
     generator = torch.Generator().manual_seed(0)
-    losses = [float(train_step(model, optimizer, s, cfg, images, masks, texts, None, generator).total.detach())
+    losses = [float(train_step(model, recipe, optimizer, s, cfg, batch, generator)["loss"].detach())
               for s in range(cfg.steps)]
     assert losses[-1] < 0.5 * losses[0]
     assert model.visual.conv1.roi.weight.abs().sum() > 0, "the ROI branch learns once masks carry signal"

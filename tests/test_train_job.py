@@ -25,7 +25,8 @@ from ogclip.synth import TargetClass, render
 from ogclip.transforms import apply_visual_prompt
 from ogclip_jobs.data.images import png_bytes
 from ogclip_jobs.evaluate import VARIANTS, AblationRun, variant_config, zero_shot_scores
-from ogclip_jobs.train import build_model_config_preprocess, prompts_for, sample_texts
+from ogclip_jobs.train import build_model_config_preprocess, sample_texts
+from ogclip_kg.prompts import prompts_for
 
 
 @pytest.fixture
@@ -211,12 +212,12 @@ def test_ablation_variants_share_the_budget() -> None:
     configs = {name: variant_config(base, name) for name in VARIANTS}
     assert len({c.name for c in configs.values()}) == len(VARIANTS)
     assert all(c.train == base.train and c.model == base.model and not c.export for c in configs.values())
-    assert configs["CLIP"].prompts == "label" and configs["CLIP"].visual_prompt == "none"
-    assert configs["+Adaptive MRL (OG-CLIP)"].mrl == "adaptive" and configs["plain MRL"].mrl == "uniform"
+    assert configs["CLIP"].recipe.prompts == "label" and configs["CLIP"].recipe.visual_prompt == "none"
+    assert configs["+Adaptive MRL (OG-CLIP)"].recipe.mrl == "adaptive" and configs["plain MRL"].recipe.mrl == "uniform"
     # The variants that read no mask do not zoom onto the object either; the others keep the architecture's zoom.
     zooms = {name: build_model_config_preprocess(c)["roi_zoom"] for name, c in configs.items()}
     assert zooms["CLIP"] == zooms["+KG-Aug"] == 1.0
-    assert {zooms[name] for name in VARIANTS if configs[name].visual_prompt != "none"} == {2.0}
+    assert {zooms[name] for name in VARIANTS if configs[name].recipe.visual_prompt != "none"} == {2.0}
     stream = base.model_copy(update={"data": SynthStreamConfig(seed=10)})
     seeded = [variant_config(stream, "+ROI", seed) for seed in (0, 1, 2)]
     assert len({c.name for c in seeded}) == 3 and [c.seed for c in seeded] == [0, 1, 2]

@@ -48,10 +48,9 @@ from ogclip.models import OGCLIP, truncate
 from ogclip.segment import CpuSegmenter, Sam2Segmenter, box_mask, mask_box
 from ogclip.synth import TargetClass
 from ogclip.transforms import apply_visual_prompt, image_mask_transform
-from ogclip.zeroshot import class_embeddings
 from ogclip_jobs.data.images import decode_mask, mask_iou
 from ogclip_jobs.data.stages import present
-from ogclip_jobs.train import data_labels, prompts_for, run_training
+from ogclip_jobs.train import data_labels, run_training
 
 _log = logging.getLogger(__name__)
 
@@ -287,8 +286,10 @@ def evaluate_model(model: OGCLIP, rows: list[dict[str, Any]], cfg: EvalConfig,
     mode (``mask_modes``); the top-level figures are the first mode's. ``seen``: each row's look is a training
     class's (:func:`seen_looks`), which adds the seen-look / new-look split."""
     classes = [r["key"] for r in rows]
-    prompts = prompts_for(rows, cfg.prompts, cfg.seed)
-    vectors = class_embeddings(model, prompts).cpu()
+    from ogclip_kg.prompts import embed_classes
+
+    _, vectors = embed_classes(model, rows, cfg.prompts, cfg.seed)
+    vectors = vectors.cpu()
     segmenter, note = resolve_segmenter(cfg.segmenter)
     encoded = encode_test_images(model, cfg.data, classes, cfg.visual_prompt, cfg.batch_size, cfg.mask_modes,
                                  segmenter)
@@ -426,8 +427,9 @@ def variant_config(train: TrainJobConfig, name: str, seed: int | None = None) ->
     ``seed`` (default: the budget's own) seeds the model, the sampling and a rendered stream's pictures."""
     prompts, visual, mrl = VARIANTS[name]
     seed = train.seed if seed is None else seed
+    recipe = train.recipe.model_copy(update={"prompts": prompts, "visual_prompt": visual, "mrl": mrl})
     update: dict[str, Any] = {"name": f"{train.name}-{_slug(name)}" + (f"-s{seed}" if seed != train.seed else ""),
-                              "prompts": prompts, "visual_prompt": visual, "mrl": mrl, "export": False, "seed": seed}
+                              "recipe": recipe, "export": False, "seed": seed}
     if isinstance(train.data, SynthStreamConfig) and seed != train.seed:
         update["data"] = train.data.model_copy(update={"seed": train.data.seed + seed - train.seed})
     return train.model_copy(update=update)

@@ -147,7 +147,7 @@ def run_probe(cfg: ProbeConfig, log: Callable[[str], None] = _log.info) -> dict[
     """``ogclip eval probe``: load the bundle, probe its image and text features, write ``probe.{md,json}``."""
     from ogclip_jobs.evaluate import class_set_rows
     from ogclip_jobs.runtime import open_graph
-    from ogclip_kg.prompts import prompt_texts
+    from ogclip_kg.prompts import prompts_for
 
     started = time.perf_counter()
     phases: dict[str, float] = {}
@@ -174,11 +174,9 @@ def run_probe(cfg: ProbeConfig, log: Callable[[str], None] = _log.info) -> dict[
                       [test_targets[k] for k in test_owner], cfg.regularisation)
     lap("image_probes")
 
-    def prompts(rows: Sequence[dict[str, Any]]) -> dict[str, list[str]]:
-        return {row["key"]: prompt_texts(dict(row), "kg", cfg.prompt_seed) for row in rows}
-
-    train_text, train_pooled = text_features(model, prompts([train_rows[k] for k in train_keys]), cfg.batch_size)
-    test_text, test_pooled = text_features(model, prompts(test_rows), cfg.batch_size)
+    train_text, train_pooled = text_features(model, prompts_for([train_rows[k] for k in train_keys], "kg",
+                                                                cfg.prompt_seed), cfg.batch_size)
+    test_text, test_pooled = text_features(model, prompts_for(test_rows, "kg", cfg.prompt_seed), cfg.batch_size)
     lap("text_features")
     train_list, test_list = list(train_targets.values()), list(test_targets.values())
     text = probe_all(train_text.numpy(), train_list, test_text.numpy(), test_list, cfg.regularisation)

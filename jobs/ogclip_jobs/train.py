@@ -1,8 +1,9 @@
-"""OG-CLIP training: the paper's step and optimiser, run by Ray Train over the curation pipeline's shards.
+"""Training: any recipe's step (:mod:`ogclip.recipes`; OG-CLIP by default) and the shared optimiser, run by Ray
+Train over the curation pipeline's shards or the synthetic world rendered on the fly.
 
 AdamW (decoupled weight decay on matrices only, as open_clip does: gains, biases and the logit scale are not
-decayed), linear warm-up then cosine decay to ``min_lr``, global grad-norm clipping, and hybrid sampling: a share
-``hybrid_ratio`` of batches replaces the masks with all ones so the model keeps its global view.
+decayed), linear warm-up then cosine decay to ``min_lr``, global grad-norm clipping; the recipe computes the loss
+terms and acts after each step.
 
 The job (:func:`run_training`): Ray Data decodes the Parquet shards and streams them into each worker's
 ``get_dataset_shard``, which shuffles them through a local buffer afresh every epoch; a ``TorchTrainer`` runs
@@ -38,10 +39,9 @@ from torch import Tensor
 from ogclip.bundle import export_bundle
 from ogclip.config import PromptMode, SynthStreamConfig, TrainConfig, TrainJobConfig
 from ogclip.decode import decode_image
-from ogclip.losses import LossTerms, og_clip_loss
-from ogclip.models import OGCLIP, create_model, load_checkpoint, save_checkpoint
-from ogclip.transforms import apply_visual_prompt, image_mask_transform
-from ogclip.zeroshot import class_embeddings
+from ogclip.models import OGCLIP, load_checkpoint, save_checkpoint
+from ogclip.recipes import Recipe, TrainBatch, create_recipe
+from ogclip.transforms import image_mask_transform
 
 _log = logging.getLogger(__name__)
 
@@ -69,61 +69,45 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-def hybrid_masks(masks: Tensor, ratio: float, generator: torch.Generator) -> Tensor:
-    """With probability ``ratio`` replace the whole batch's masks by all ones (the paper's r_s sampling)."""
-    if float(torch.rand((), generator=generator)) < ratio:
-        return torch.ones_like(masks)
-    return masks
-
-
 def train_step(
     model: OGCLIP | torch.nn.Module,
+    recipe: Recipe,
     optimizer: torch.optim.Optimizer,
     step: int,
     cfg: TrainConfig,
-    images: Tensor,
-    masks: Tensor,
-    texts: Tensor,
-    labels: Tensor | None,
+    batch: TrainBatch,
     generator: torch.Generator,
     autocast_dtype: torch.dtype | None = None,
-    text_owner: Tensor | None = None,
-) -> LossTerms:
-    """One optimisation step on a batch (``texts`` as token ids); returns the loss terms.
+) -> dict[str, Tensor]:
+    """One optimisation step of ``recipe`` on a batch; returns its loss terms (``loss`` is the one minimised).
 
-    ``model`` may be the DDP wrapper of an OG-CLIP (the loss reads the Matryoshka head from the inner module);
-    ``autocast_dtype`` runs the forward pass under autocast (bf16 on GPU); ``text_owner``: several prompts per
-    image, ensembled (see :func:`sample_texts`).
+    ``model`` may be the DDP wrapper of the recipe's model; ``autocast_dtype`` runs the forward pass under autocast
+    (bf16 on GPU). After the optimiser step the recipe's ``after_step`` sees the unwrapped model.
     """
-    inner: OGCLIP = getattr(model, "module", model)
     model.train()
     for group in optimizer.param_groups:
         group["lr"] = learning_rate(step, cfg)
-    masks = hybrid_masks(masks, cfg.hybrid_ratio, generator)
-    autocast = (torch.autocast(images.device.type, dtype=autocast_dtype) if autocast_dtype is not None
+
+    def autocast() -> contextlib.AbstractContextManager[Any]:
+        return (torch.autocast(batch.images.device.type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
-    with autocast:
-        out = model(images, texts, masks, text_owner)
-    out = {k: v.float() for k, v in out.items()}  # the losses in fp32: softmax over the batch is precision-hungry
-    terms = og_clip_loss(out, inner.mrl, labels)
+
+    terms = recipe.loss(model, batch, generator, autocast)
     optimizer.zero_grad(set_to_none=True)
-    terms.total.backward()
+    terms["loss"].backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
     optimizer.step()
+    recipe.after_step(getattr(model, "module", model), step + 1)
     return terms
 
 
+def logged_terms(terms: Mapping[str, Tensor]) -> dict[str, float | list[float]]:
+    """Loss terms as ``metrics.jsonl`` keeps them: scalars as floats, vectors (α) as lists."""
+    return {name: float(value.detach()) if value.ndim == 0 else [round(float(v), 5) for v in value.detach()]
+            for name, value in terms.items()}
+
+
 # -- prompts ---------------------------------------------------------------------------------------------------
-
-
-def prompts_for(rows: Sequence[Mapping[str, Any]], mode: PromptMode, seed: int = 0) -> dict[str, list[str]]:
-    """Each class's text prompts: every graph template for ``kg`` (KG-Aug), the label template only for ``label``.
-
-    ``rows`` are :func:`ogclip_kg.prompts.fetch_class_facts` rows.
-    """
-    from ogclip_kg.prompts import prompt_texts
-
-    return {row["key"]: prompt_texts(dict(row), mode, seed) for row in rows}
 
 
 def contrast_prompts(facts: Mapping[str, Mapping[str, Any]], mode: PromptMode, seed: int = 0
@@ -354,19 +338,9 @@ def stream_classes(store: Any, cfg: SynthStreamConfig) -> list[str]:
 # -- the training loop (runs on every Ray Train worker) ---------------------------------------------------------
 
 
-def model_overrides(cfg: TrainJobConfig) -> dict[str, Any]:
-    """What the run changes in its registry architecture: the MRL weighting, and no ROI zoom for a model that never
-    sees the mask (``visual_prompt: none``, the ablation's plain CLIP: zooming onto the object would hand it the
-    mask's location)."""
-    overrides: dict[str, Any] = {"mrl": {"weighting": cfg.mrl}} if cfg.mrl else {}
-    if cfg.visual_prompt == "none":
-        overrides["preprocess_cfg"] = {"roi_zoom": 1.0}
-    return overrides
-
-
 def build_model(cfg: TrainJobConfig, device: str | torch.device = "cpu") -> OGCLIP:
-    """The run's model: the registry architecture with the run's overrides, the optional local checkpoint."""
-    return create_model(cfg.model, pretrained=cfg.pretrained, device=device, **model_overrides(cfg))
+    """The run's model: the registry architecture as the run's recipe changes it, the optional local checkpoint."""
+    return create_recipe(cfg.recipe).build_model(cfg.model, cfg.pretrained, device)
 
 
 def _save(model: OGCLIP, optimizer: torch.optim.Optimizer, step: int, loss_ema: float, folder: Path) -> None:
@@ -392,14 +366,15 @@ def train_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     cfg = TrainJobConfig.model_validate(config["job"])
+    recipe = create_recipe(cfg.recipe)
     prompts: dict[str, list[str]] = config["prompts"]
-    contrasts = contrast_prompts(config["facts"], cfg.prompts, cfg.seed) if config.get("facts") else None
+    contrasts = contrast_prompts(config["facts"], cfg.recipe.prompts, cfg.seed) if config.get("facts") else None
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(max(1, math.ceil(cfg.cpus_per_worker)))
     torch.manual_seed(cfg.seed)
     device = ray.train.torch.get_device()
-    model = build_model(cfg, device)
+    model = recipe.build_model(cfg.model, cfg.pretrained, device)
     if cfg.grad_checkpointing:
         model.visual.set_grad_checkpointing(True)
     optimizer = build_optimizer(model, cfg.train)
@@ -425,25 +400,24 @@ def train_loop(config: dict[str, Any]) -> None:
     else:
         batches = shard_batches(ray.train.get_dataset_shard("train"), cfg, rank, step)
     for batch in batches if step < cfg.train.steps else ():
-        images = torch.tensor(batch["image"], device=device)  # Ray's batches are read-only: copy
-        masks = torch.tensor(batch["mask"], device=device)
-        images, masks = apply_visual_prompt(images, masks, cfg.visual_prompt, model.cfg.preprocess)
-        labels = torch.tensor(batch["label"], device=device)
-        texts, owner = sample_texts(batch["key"], batch["caption"], prompts, cfg.prompts, rng, cfg.caption_ratio,
-                                    contrasts, cfg.hard_negatives)
+        texts, owner = sample_texts(batch["key"], batch["caption"], prompts, cfg.recipe.prompts, rng,
+                                    cfg.recipe.caption_ratio, contrasts, cfg.recipe.hard_negatives)
         unique = {t: i for i, t in enumerate(dict.fromkeys(texts))}  # a few dozen sentences: tokenise each once
         tokens = model.tokenize(list(unique))[torch.tensor([unique[t] for t in texts], device=device)]
-        terms = train_step(wrapped, optimizer, step, cfg.train, images, masks, tokens, labels,
-                           generator, autocast_dtype, torch.tensor(owner, device=device))
+        inputs = TrainBatch(images=torch.tensor(batch["image"], device=device),  # Ray's batches are read-only: copy
+                            masks=torch.tensor(batch["mask"], device=device), texts=tokens,
+                            text_owner=torch.tensor(owner, device=device),
+                            labels=torch.tensor(batch["label"], device=device))
+        terms = train_step(wrapped, recipe, optimizer, step, cfg.train, inputs, generator, autocast_dtype)
         step += 1
         steps_here += 1
-        loss = float(terms.total.detach())
+        loss = float(terms["loss"].detach())
         loss_ema = loss if math.isnan(loss_ema) else 0.95 * loss_ema + 0.05 * loss
         if step % cfg.log_every and step % cfg.checkpoint_every and step < cfg.train.steps:
             continue
         elapsed = time.perf_counter() - started
         rate = steps_here * batch_size * world / elapsed
-        metrics = {"step": step, **terms.as_dict(), "loss_ema": loss_ema, "lr": learning_rate(step - 1, cfg.train),
+        metrics = {"step": step, **logged_terms(terms), "loss_ema": loss_ema, "lr": learning_rate(step - 1, cfg.train),
                    "samples_per_s": rate, "workers": world, "time": time.time()}
         if rank == 0:  # the driver prints these lines (follow_metrics)
             metrics["eta_s"] = (cfg.train.steps - step) * batch_size * world / max(rate, 1e-9)
@@ -468,8 +442,10 @@ def metrics_line(row: Mapping[str, Any], steps: int) -> str:
     """One line of ``metrics.jsonl`` as the job prints it."""
     if row.get("event") == "resumed":
         return f"resumed from step {row['step']} ({row.get('checkpoint', 'latest checkpoint')})"
-    return (f"step {row['step']:5d}/{steps}  loss {row['loss']:.3f} (ema {row['loss_ema']:.3f}, clip "
-            f"{row['loss_clip']:.3f}, mrl {row['loss_mrl']:.3f}, bpa {row['loss_bpa']:.3f})  lr {row['lr']:.2e}  "
+    parts = [f"{name.removeprefix('loss_')} {value:.3f}" for name, value in row.items()
+             if name.startswith("loss_") and name != "loss_ema"]  # the recipe's terms, whatever they are
+    terms = ", ".join([f"ema {row['loss_ema']:.3f}", *parts])
+    return (f"step {row['step']:5d}/{steps}  loss {row['loss']:.3f} ({terms})  lr {row['lr']:.2e}  "
             f"{row['samples_per_s']:.0f} samples/s  ETA {row.get('eta_s', 0):.0f}s")
 
 
@@ -534,7 +510,8 @@ def fit(cfg: TrainJobConfig, prompts: dict[str, list[str]], classes: list[str],
         train_loop_config={"job": cfg.model_dump(mode="json"), "prompts": prompts, "run_dir": str(run_dir),
                            "renderers": renderers,
                            # the facts the hard negatives are made from (looks one attribute away)
-                           "facts": dict(facts or {}) if cfg.hard_negatives and cfg.prompts == "kg" else None},
+                           "facts": dict(facts or {}) if cfg.recipe.hard_negatives and cfg.recipe.prompts == "kg"
+                           else None},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu
                                                                                           else {})}),
@@ -559,7 +536,8 @@ def build_model_config_preprocess(cfg: TrainJobConfig) -> dict[str, Any]:
     """The preprocessing of the run's architecture, without building the model."""
     from ogclip.models import get_model_config
 
-    return get_model_config(cfg.model, **model_overrides(cfg)).preprocess.model_dump(mode="json")
+    return get_model_config(cfg.model, **create_recipe(cfg.recipe).model_overrides()).preprocess.model_dump(
+        mode="json")
 
 
 def best_model(cfg: TrainJobConfig, result: ray.train.Result) -> OGCLIP:
@@ -579,14 +557,13 @@ def export_run(cfg: TrainJobConfig, model: OGCLIP, store: Any, trained: Sequence
     """Bundle ``model`` and write class embeddings under its model version: the ``trained`` classes and every
     class of ``export_class_sets`` (the unseen test set, typically)."""
     from ogclip_kg import cypher
-    from ogclip_kg.prompts import fetch_class_facts
+    from ogclip_kg.prompts import embed_classes, fetch_class_facts
 
-    bundle = export_bundle(model, cfg.output_dir / cfg.name / "bundle")
+    bundle = export_bundle(model, cfg.output_dir / cfg.name / "bundle", recipe=cfg.recipe.kind)
     keys = sorted(set(trained) | {r["key"] for name in cfg.export_class_sets
                                   for r in store.read(cypher.CLASS_SET_KEYS, key=name)})
-    prompts = prompts_for(fetch_class_facts(store, keys), cfg.prompts, cfg.seed)
     started = time.perf_counter()
-    vectors = class_embeddings(model, prompts)
+    prompts, vectors = embed_classes(model, fetch_class_facts(store, keys), cfg.recipe.prompts, cfg.seed)
     written = store.write_embeddings(bundle.model_version, {k: v.tolist() for k, v in zip(prompts, vectors,
                                                                                          strict=True)}, prompts)
     log(f"exported bundle {bundle.model_version} to {bundle.path}; embedded {len(prompts)} classes' prompts in "
@@ -600,18 +577,18 @@ def run_training(cfg: TrainJobConfig, log: Callable[[str], None] = _log.info) ->
     Returns the best checkpoint's model (eval mode, CPU) and the run's summary (also in ``summary.json``).
     """
     from ogclip_jobs.runtime import ensure_ray, open_graph
-    from ogclip_kg.prompts import fetch_class_facts
+    from ogclip_kg.prompts import fetch_class_facts, prompts_for
 
     ensure_ray(cfg.ray_num_cpus)
     with open_graph() as store:
         classes = stream_classes(store, cfg.data) if isinstance(cfg.data, SynthStreamConfig) else data_labels(cfg.data)
         rows = fetch_class_facts(store, classes)
-        prompts = prompts_for(rows, cfg.prompts, cfg.seed)
+        prompts = prompts_for(rows, cfg.recipe.prompts, cfg.seed)
         source = (f"{cfg.data.class_set!r} rendered on the fly" if isinstance(cfg.data, SynthStreamConfig)
                   else str(cfg.data))
-        log(f"training {cfg.model} ({cfg.mrl or 'registry'} MRL, {cfg.prompts} prompts, {cfg.visual_prompt} visual "
-            f"prompt) on {len(classes)} classes from {source}: {cfg.train.steps} steps × {cfg.num_workers} "
-            f"worker(s) × {cfg.train.batch_size}")
+        settings = ", ".join(f"{k} {v if v is not None else 'default'}" for k, v in cfg.recipe if k != "kind")
+        log(f"training {cfg.model}, recipe {cfg.recipe.kind} ({settings}) on {len(classes)} classes from {source}: "
+            f"{cfg.train.steps} steps × {cfg.num_workers} worker(s) × {cfg.train.batch_size}")
         started = time.perf_counter()
         result = fit(cfg, prompts, classes, {row["key"]: row for row in rows}, log)
         summary: dict[str, Any] = {"name": cfg.name, "seconds": round(time.perf_counter() - started, 1),

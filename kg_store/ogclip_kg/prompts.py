@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ogclip.synth import COLOURS, PATTERNS, SILHOUETTES, SIZES
 from ogclip_kg import cypher
 from ogclip_kg.store import GraphStore
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
 
 TEMPLATES = ("label", "label_category", "label_attributes", "description", "appearance")
 _OPENERS = ("a photo of", "an image of", "a picture of", "a photograph of")
@@ -190,6 +193,23 @@ def prompt_texts(row: dict[str, Any], mode: str = "kg", seed: int = 0) -> list[s
     if mode == "label":
         return [class_prompts(dict(row), seed)["label"]]
     return list(dict.fromkeys(attribute_prompts(dict(row))))
+
+
+def prompts_for(rows: Sequence[Mapping[str, Any]], mode: str = "kg", seed: int = 0) -> dict[str, list[str]]:
+    """Each class's :func:`prompt_texts`, keyed by class key (``rows`` are :func:`fetch_class_facts` rows)."""
+    return {row["key"]: prompt_texts(dict(row), mode, seed) for row in rows}
+
+
+def embed_classes(model: nn.Module, rows: Sequence[Mapping[str, Any]], mode: str = "kg", seed: int = 0,
+                  batch_size: int = 256) -> tuple[dict[str, list[str]], Tensor]:
+    """Graph facts → class embeddings for ``model``: each class's prompts and the ``[len(rows), D]`` tensor of its
+    L2-normalised ensemble embeddings (rows in ``rows``' order). The one path from the graph to a class vector:
+    the export after training, evaluation and the service's on-demand embedding all call it, so a class embedded
+    by any of them gets the same vector under one model version."""
+    from ogclip.zeroshot import class_embeddings
+
+    prompts = prompts_for(rows, mode, seed)
+    return prompts, class_embeddings(model, prompts, batch_size)
 
 
 def vlm_prompt(row: dict[str, Any]) -> str:

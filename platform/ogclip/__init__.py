@@ -1,4 +1,4 @@
-"""OG-CLIP core: model registry, model, losses, transforms, export bundle, settings.
+"""OG-CLIP core: model registry, model, losses, training recipes, transforms, export bundle, settings.
 
 This package imports torch, open_clip and pydantic only; Ray, the graph store and serving live in
 ``ogclip_jobs``, ``ogclip_kg`` and ``ogclip_serve``. The public names below load on first use, so that light
@@ -27,6 +27,10 @@ _EXPORTS = {
     "LossTerms": "ogclip.losses",
     "contrastive_loss": "ogclip.losses",
     "og_clip_loss": "ogclip.losses",
+    "Recipe": "ogclip.recipes",
+    "create_recipe": "ogclip.recipes",
+    "list_recipes": "ogclip.recipes",
+    "register_recipe": "ogclip.recipes",
     "resolve_device": "ogclip.device",
     "Settings": "ogclip.settings",
     "get_settings": "ogclip.settings",

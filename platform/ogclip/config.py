@@ -71,12 +71,16 @@ def _open_clip_fields(tower: Literal["vision", "text"]) -> set[str]:
 
 
 class ModelConfig(StrictModel):
-    """An OG-CLIP architecture: open_clip's ``vision_cfg``/``text_cfg`` layout plus the OG-CLIP parts.
+    """A model architecture: ``architecture`` names the class that builds it (``og-clip`` for OG-CLIP, the default,
+    so configs and bundles written before the key read as OG-CLIP), open_clip's ``vision_cfg``/``text_cfg`` layout
+    plus the OG-CLIP parts.
 
     ``embed_dim`` is the joint space D. The image tower projects into it; the frozen text tower reaches it through
     its trainable projection (see ``ogclip.models.ogclip.OGCLIP``).
     """
 
+    architecture: str = Field(default="og-clip", description="the model class that builds this config, from the "
+                              "architecture registry (``ogclip.models.register_architecture``)")
     embed_dim: int = Field(gt=0)
     vision_cfg: dict[str, Any]
     text_cfg: dict[str, Any]
@@ -126,7 +130,8 @@ class ModelConfig(StrictModel):
 
 
 class TrainConfig(StrictModel):
-    """Optimisation recipe; the defaults are the paper's (AdamW 5e-5, wd 0.05, warm-up then cosine to 5e-6)."""
+    """The optimiser and its schedule, the same for every recipe; the defaults are the OG-CLIP paper's (AdamW 5e-5,
+    wd 0.05, warm-up then cosine to 5e-6)."""
 
     lr: float = Field(default=5e-5, gt=0)
     min_lr: float = Field(default=5e-6, ge=0)
@@ -134,7 +139,6 @@ class TrainConfig(StrictModel):
     warmup_steps: int = Field(default=10_000, ge=0)
     steps: int = Field(default=100_000, gt=0)
     grad_clip_norm: float = Field(default=1.0, gt=0)
-    hybrid_ratio: float = Field(default=0.1, ge=0, le=1, description="r_s: share of batches with an all-ones mask.")
     batch_size: int = Field(default=32, gt=0, description="Per worker; the paper runs 8 workers × 32 = 256.")
 
 
@@ -338,22 +342,12 @@ class SynthStreamConfig(StrictModel):
                     "a machine whose cores the step already uses")
 
 
-class TrainJobConfig(StrictModel):
-    """``ogclip train``: OG-CLIP on Ray Train over the curation pipeline's Parquet shards, then export.
+class OGCLIPRecipeConfig(StrictModel):
+    """The OG-CLIP recipe (``recipe: {kind: og-clip, …}`` in a training config): ROI mask, KG-Aug prompts, Adaptive
+    MRL + BPA. What the method changes in the training step lives here; the loop, the optimiser and the data are
+    shared by every recipe (:mod:`ogclip.recipes`)."""
 
-    The defaults are the paper's 8-GPU run (8 workers × 32 = 256 per step); the shipped CPU configs shrink it.
-    ``name`` names the run under ``output_dir``: running a name again resumes from its latest checkpoint.
-    """
-
-    name: str = Field(default="og-clip", pattern=r"^[A-Za-z0-9._-]+$")
-    model: str = "og-clip-vit-l-14"
-    pretrained: Path | None = Field(default=None, description="local OpenCLIP/OG-CLIP checkpoint to start from")
-    mrl: Literal["adaptive", "uniform", "none"] | None = Field(
-        default=None, description="override the architecture's MRL weighting (ablations)")
-    data: Path | SynthStreamConfig = Field(
-        default=Path("outputs/data/stages/shards/parquet"),
-        description="Parquet training shards (a folder), or {kind: synth, ...} to render the synthetic world on the "
-        "fly")
+    kind: Literal["og-clip"] = "og-clip"
     prompts: PromptMode = Field(default="kg", description="'kg': graph prompts + captions (KG-Aug); 'label': names")
     caption_ratio: float = Field(
         default=0.5, ge=0, le=1, description="with 'kg' prompts, the share of images trained against their own "
@@ -362,6 +356,32 @@ class TrainJobConfig(StrictModel):
         default=0, ge=0, description="with 'kg' prompts, the looks one visual attribute away from an image's class "
         "that join the batch's texts as extra negatives, per image")
     visual_prompt: VisualPromptName = "roi"
+    hybrid_ratio: float = Field(default=0.1, ge=0, le=1, description="r_s: share of batches with an all-ones mask")
+    mrl: Literal["adaptive", "uniform", "none"] | None = Field(
+        default=None, description="override the architecture's MRL weighting (ablations)")
+
+
+# Every recipe's config, told apart by ``kind``; a discriminated union (``Field(discriminator="kind")``, as
+# ``DataPipelineConfig.source``) once there is a second recipe.
+RecipeConfig = OGCLIPRecipeConfig
+
+
+class TrainJobConfig(StrictModel):
+    """``ogclip train``: a recipe (OG-CLIP by default) on Ray Train over the curation pipeline's Parquet shards or
+    the synthetic world rendered on the fly, then export.
+
+    The defaults are the paper's 8-GPU run (8 workers × 32 = 256 per step); the shipped CPU configs shrink it.
+    ``name`` names the run under ``output_dir``: running a name again resumes from its latest checkpoint.
+    """
+
+    name: str = Field(default="og-clip", pattern=r"^[A-Za-z0-9._-]+$")
+    model: str = "og-clip-vit-l-14"
+    pretrained: Path | None = Field(default=None, description="local OpenCLIP/OG-CLIP checkpoint to start from")
+    recipe: RecipeConfig = Field(default_factory=OGCLIPRecipeConfig, description="the method and its settings")
+    data: Path | SynthStreamConfig = Field(
+        default=Path("outputs/data/stages/shards/parquet"),
+        description="Parquet training shards (a folder), or {kind: synth, ...} to render the synthetic world on the "
+        "fly")
     train: TrainConfig = TrainConfig()
     num_workers: int = Field(default=8, ge=1)
     cpus_per_worker: float = Field(default=1.0, gt=0, description="also the worker's torch threads (rounded up)")

@@ -42,14 +42,10 @@ class LossTerms:
     per_dim: Tensor  # contrastive loss at each granularity, coarse to fine
     alpha: Tensor  # the weights L_MRL used
 
-    def as_dict(self) -> dict[str, float | list[float]]:
-        return {
-            "loss": float(self.total.detach()),
-            "loss_clip": float(self.clip.detach()),
-            "loss_mrl": float(self.mrl.detach()),
-            "loss_bpa": float(self.bpa.detach()),
-            "alpha": [round(float(a), 5) for a in self.alpha],
-        }
+    def named(self) -> dict[str, Tensor]:
+        """The terms by name, as a recipe's loss returns them (``loss`` is backpropagated, the rest logged)."""
+        return {"loss": self.total, "loss_clip": self.clip, "loss_mrl": self.mrl, "loss_bpa": self.bpa,
+                "alpha": self.alpha}
 
 
 def distributed_world_size() -> int:

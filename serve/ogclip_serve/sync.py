@@ -24,9 +24,8 @@ import numpy as np
 
 from ogclip.config import ServeClassesConfig
 from ogclip.models import OGCLIP
-from ogclip.zeroshot import class_embeddings
 from ogclip_kg import cypher
-from ogclip_kg.prompts import fetch_class_facts, prompt_texts
+from ogclip_kg.prompts import embed_classes, fetch_class_facts
 from ogclip_kg.store import GraphStore
 from ogclip_serve.errors import EmbeddingVersionError, NotFound
 from ogclip_serve.index import ClassInfo, ClassSetIndex, Snapshot, VectorIndex
@@ -128,8 +127,8 @@ class ClassEmbeddingSync:
             todo = [k for k in keys if k not in fresh]
             if todo:
                 rows = fetch_class_facts(self.store, todo)
-                prompts = {row["key"]: prompt_texts(row, self.cfg.prompts, self.cfg.prompt_seed) for row in rows}
-                vectors = class_embeddings(self.model, prompts).cpu().numpy().astype(np.float32)
+                prompts, vectors = embed_classes(self.model, rows, self.cfg.prompts, self.cfg.prompt_seed)
+                vectors = vectors.cpu().numpy().astype(np.float32)
                 made = dict(zip(prompts, vectors, strict=True))
                 if self.cfg.write_back:
                     self.store.write_embeddings(self.model_version, {k: v.tolist() for k, v in made.items()},

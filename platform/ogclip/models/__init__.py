@@ -3,7 +3,14 @@
 from ogclip.models.checkpoint import CheckpointError, LoadReport, load_checkpoint, read_state_dict, save_checkpoint
 from ogclip.models.mrl import MatryoshkaHead, granularity_dims, truncate
 from ogclip.models.ogclip import OGCLIP, ROIPatchEmbed
-from ogclip.models.registry import add_model_config, create_model, get_model_config, list_models
+from ogclip.models.registry import (
+    add_model_config,
+    build_model,
+    create_model,
+    get_model_config,
+    list_models,
+    register_architecture,
+)
 
 __all__ = [
     "OGCLIP",
@@ -12,12 +19,14 @@ __all__ = [
     "MatryoshkaHead",
     "ROIPatchEmbed",
     "add_model_config",
+    "build_model",
     "create_model",
     "get_model_config",
     "granularity_dims",
     "list_models",
     "load_checkpoint",
     "read_state_dict",
+    "register_architecture",
     "save_checkpoint",
     "truncate",
 ]

@@ -1,16 +1,21 @@
 """Model registry in the manner of open_clip and timm: JSON architecture configs, ``create_model``, ``list_models``.
 
 Configs shipped in ``configs/`` are registered at import; ``add_model_config`` registers more (a file or a folder).
+A config's ``architecture`` key names the model class that builds it, registered with
+``@register_architecture(name)`` as timm's ``register_model`` does; :func:`build_model` dispatches on it (creating
+a model by name and loading a bundle both go through it).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from ogclip.config import ModelConfig
 from ogclip.device import resolve_device
@@ -18,6 +23,30 @@ from ogclip.models.checkpoint import load_checkpoint
 from ogclip.models.ogclip import OGCLIP
 
 _CONFIGS: dict[str, dict[str, Any]] = {}
+_ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_architecture(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator: ``builder(cfg: ModelConfig, name: str | None) -> nn.Module`` builds configs whose
+    ``architecture`` is ``name`` (a class with that constructor works)."""
+
+    def register(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _ARCHITECTURES and _ARCHITECTURES[name] is not builder:
+            raise ValueError(f"architecture {name!r} is already registered")
+        _ARCHITECTURES[name] = builder
+        return builder
+
+    return register
+
+
+register_architecture("og-clip")(OGCLIP)
+
+
+def build_model(cfg: ModelConfig, name: str | None = None) -> nn.Module:
+    """A fresh model of ``cfg``, built by the class its ``architecture`` names."""
+    if cfg.architecture not in _ARCHITECTURES:
+        raise ValueError(f"unknown architecture {cfg.architecture!r}; registered: {', '.join(sorted(_ARCHITECTURES))}")
+    return _ARCHITECTURES[cfg.architecture](cfg, name=name)
 
 
 def add_model_config(path: str | Path) -> list[str]:
@@ -64,7 +93,7 @@ def create_model(
     ``pretrained`` is an OpenCLIP or OG-CLIP checkpoint file (safetensors or weights-only torch); nothing is
     downloaded. The model is returned in train mode with its text transformer frozen.
     """
-    model = OGCLIP(get_model_config(name, **overrides), name=name)
+    model = build_model(get_model_config(name, **overrides), name=name)
     if pretrained is not None:
         load_checkpoint(model, pretrained)
     return model.to(resolve_device(device))

@@ -1,0 +1,12 @@
+"""Recipes: what differs between the platform's training methods, behind one interface the training loop calls.
+
+A recipe owns its config (``TrainJobConfig.recipe``, told apart by ``kind``), builds its model from a registered
+architecture, computes its loss as named terms, and may act after each optimiser step (an EMA teacher). The Ray
+Train loop, checkpoints, resume, metrics, export and the job CLI (``ogclip_jobs.train``) are shared by every
+recipe. ``og-clip`` (:class:`OGCLIPRecipe`) is the first.
+"""
+
+from ogclip.recipes.base import Recipe, TrainBatch, create_recipe, list_recipes, register_recipe
+from ogclip.recipes.og_clip import OGCLIPRecipe
+
+__all__ = ["OGCLIPRecipe", "Recipe", "TrainBatch", "create_recipe", "list_recipes", "register_recipe"]
