@@ -20,9 +20,9 @@ import ray
 import torch
 
 from ogclip.bundle import export_bundle
-from ogclip.config import CaptionConfig, DataPipelineConfig, MaskConfig, StageResources, SynthSourceConfig
 from ogclip.models import create_model
 from ogclip.synth import TargetClass
+from ogclip_jobs.config import CaptionConfig, DataPipelineConfig, MaskConfig, StageResources, SynthSourceConfig
 from ogclip_jobs.data import stages
 from ogclip_jobs.data.pipeline import STAGES, Pipeline, find_outliers
 

@@ -175,11 +175,10 @@ def overload(stack: ExitStack, home: Path, settings: Any, base: Any, clients: in
     """Admission control under ``clients`` back-to-back clients: the latency budget on, then off (the baseline)."""
     from ray import serve
 
-    from ogclip.config import ServeAutoscalingConfig
     from ogclip.synth import TargetClass, render
     from ogclip_jobs.data.images import png_bytes
     from ogclip_serve.app import build_app
-    from ogclip_serve.config import service_config
+    from ogclip_serve.config import ServeAutoscalingConfig, service_config
 
     sample = render(TargetClass("bench", "military aircraft", "swept wing", "grey"), seed=0, size=512)
     payload = {"images": [{"image": base64.b64encode(png_bytes(sample.image)).decode(),
@@ -235,13 +234,6 @@ def main() -> None:
     from ray import serve
 
     from ogclip.bundle import export_bundle
-    from ogclip.config import (
-        ServeAutoscalingConfig,
-        ServeBatchingConfig,
-        ServeClassesConfig,
-        ServeConfig,
-        ServeDeploymentConfig,
-    )
     from ogclip.models import create_model
     from ogclip.settings import Settings, free_ports
     from ogclip.synth import TargetClass, render
@@ -252,6 +244,13 @@ def main() -> None:
     from ogclip_kg.schema import migrate
     from ogclip_kg.store import GraphStore
     from ogclip_serve.app import build_app, image_features
+    from ogclip_serve.config import (
+        ServeAutoscalingConfig,
+        ServeBatchingConfig,
+        ServeClassesConfig,
+        ServeConfig,
+        ServeDeploymentConfig,
+    )
     from ogclip_serve.index import VectorIndex, scores
     from ogclip_serve.inputs import RawImage, decode_base64, prepare
 

@@ -21,11 +21,12 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from ogclip.config import OGCLIPRecipeConfig, TrainConfig, TrainJobConfig
+from ogclip.config import OGCLIPRecipeConfig
 from ogclip.metrics import image_flops
 from ogclip.models import create_model
 from ogclip.recipes import TrainBatch, create_recipe
 from ogclip.synth import PATTERNS, TargetClass, render
+from ogclip_jobs.config import TrainConfig, TrainJobConfig
 from ogclip_jobs.data.images import png_bytes
 from ogclip_jobs.train import DecodeForTraining, build_model_config_preprocess, build_optimizer, fit, train_step
 

@@ -18,7 +18,8 @@ import ray
 import webdataset as wds
 from PIL import Image
 
-from ogclip.config import (
+from ogclip.synth import TargetClass, render
+from ogclip_jobs.config import (
     CaptionConfig,
     DataPipelineConfig,
     FolderSourceConfig,
@@ -28,7 +29,6 @@ from ogclip.config import (
     WebDatasetSourceConfig,
     WriterConfig,
 )
-from ogclip.synth import TargetClass, render
 from ogclip_jobs.data.images import dhash, mask_iou, png_bytes
 from ogclip_jobs.data.pipeline import STAGES, Pipeline, _dedup_keep, find_outliers
 from ogclip_jobs.data.stages import CpuSegmenter
@@ -252,7 +252,7 @@ def test_crawl_source_fetches_a_manifest_politely_and_logs_every_url(tmp_path: P
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from ogclip.config import CrawlConfig, CrawlSourceConfig
+    from ogclip_jobs.config import CrawlConfig, CrawlSourceConfig
 
     images = {f"/img{i}.png": png_bytes(render(TargetClass.from_facts(CLASSES["alpha"]), seed=i, size=32).image)
               for i in range(3)}
@@ -304,7 +304,7 @@ def test_parquet_ingest_keeps_captions_and_labels(tmp_path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from ogclip.config import ParquetSourceConfig
+    from ogclip_jobs.config import ParquetSourceConfig
 
     target = TargetClass.from_facts(CLASSES["bravo"])
     table = pa.table({"image": [png_bytes(render(target, seed=i, size=32).image) for i in range(4)] + [b"junk"],
@@ -325,7 +325,7 @@ def test_repeated_images_of_a_parquet_source_leave_one_row_each(tmp_path: Path) 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from ogclip.config import ParquetSourceConfig
+    from ogclip_jobs.config import ParquetSourceConfig
 
     target = TargetClass.from_facts(CLASSES["bravo"])
     images = [png_bytes(render(target, seed=i, size=32).image) for i in range(10)]

@@ -12,11 +12,11 @@ import pytest
 import ray
 import torch
 
-from ogclip.config import EvalConfig, EvalSegmenterConfig
 from ogclip.models import create_model
 from ogclip.segment import mask_box
 from ogclip.synth import TargetClass, render
 from ogclip_jobs.cli import build_parser, main
+from ogclip_jobs.config import EvalConfig, EvalSegmenterConfig
 from ogclip_jobs.data.images import mask_iou, png_bytes
 from ogclip_jobs.evaluate import (
     DecodeTestImages,

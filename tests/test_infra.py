@@ -47,8 +47,9 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from ogclip.config import DataPipelineConfig, EvalConfig, TrainJobConfig, load_yaml_config
+from ogclip.config import load_yaml_config
 from ogclip_jobs.cli import build_parser
+from ogclip_jobs.config import DataPipelineConfig, EvalConfig, TrainJobConfig
 from ogclip_jobs.submit import normalise_argv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -934,7 +935,7 @@ def test_rayservice_serves_the_classifier_with_autoscaling_and_zero_downtime_upg
     (app,) = serve["applications"]
     module_name, _, attribute = app["import_path"].partition(":")
     assert (module_name, attribute) == ("ogclip_serve.app", "build_app")
-    from ogclip.config import ServeConfig
+    from ogclip_serve.config import ServeConfig
 
     cfg = ServeConfig.model_validate(app["args"])  # what build_app makes of its args
     assert cfg.host == "0.0.0.0" and cfg.port == serve["http_options"]["port"]

@@ -11,15 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from ogclip.config import (
-    AblationConfig,
-    DataPipelineConfig,
-    DemoConfig,
-    EvalConfig,
-    ServeConfig,
-    TrainJobConfig,
-    load_yaml_config,
-)
+from ogclip.config import load_yaml_config
+from ogclip_jobs.config import AblationConfig, DataPipelineConfig, DemoConfig, EvalConfig, TrainJobConfig
+from ogclip_serve.config import ServeConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

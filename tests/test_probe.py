@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from ogclip.config import ProbeConfig
 from ogclip.models import create_model
 from ogclip.synth import COLOURS, PATTERNS, SILHOUETTES, SIZES, TargetClass
 from ogclip.zeroshot import class_embeddings
+from ogclip_jobs.config import ProbeConfig
 from ogclip_jobs.probe import (
     ATTRIBUTES,
     attribute_values,

@@ -11,10 +11,11 @@ from conftest import MICRO_MINILM
 from torch import Tensor, nn
 
 import ogclip
-from ogclip.config import OGCLIPRecipeConfig, StrictModel, TrainConfig, TrainJobConfig
+from ogclip.config import OGCLIPRecipeConfig, StrictModel
 from ogclip.recipes import OGCLIPRecipe, Recipe, TrainBatch, create_recipe, list_recipes, register_recipe
 from ogclip.recipes.base import _RECIPES
 from ogclip.recipes.og_clip import hybrid_masks
+from ogclip_jobs.config import TrainConfig, TrainJobConfig
 from ogclip_jobs.train import build_optimizer, logged_terms, metrics_line, train_step
 
 # The loss curve of the OG-CLIP step before it became a recipe (the same model, data, seeds and settings as

@@ -36,15 +36,7 @@ from PIL import Image
 from urllib3.filepost import encode_multipart_formdata
 
 from ogclip.bundle import BundleInfo, BundleVersionError, export_bundle
-from ogclip.config import (
-    PreprocessConfig,
-    ServeAutoscalingConfig,
-    ServeClassesConfig,
-    ServeConfig,
-    ServeDeploymentConfig,
-    ServeMaskConfig,
-    load_yaml_config,
-)
+from ogclip.config import PreprocessConfig, load_yaml_config
 from ogclip.models import OGCLIP, create_model, truncate
 from ogclip.segment import CpuSegmenter
 from ogclip.settings import Settings, free_ports
@@ -56,7 +48,15 @@ from ogclip_kg import cypher
 from ogclip_kg.prompts import fetch_class_facts, prompt_texts
 from ogclip_kg.server import bolt_uri
 from ogclip_kg.store import GraphStore
-from ogclip_serve.config import ServiceConfig, ServiceLimits
+from ogclip_serve.config import (
+    ServeAutoscalingConfig,
+    ServeClassesConfig,
+    ServeConfig,
+    ServeDeploymentConfig,
+    ServeMaskConfig,
+    ServiceConfig,
+    ServiceLimits,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "test-token-" + "x" * 24

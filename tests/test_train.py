@@ -9,8 +9,9 @@ import torch
 from conftest import images_and_masks
 
 import ogclip
-from ogclip.config import OGCLIPRecipeConfig, TrainConfig
+from ogclip.config import OGCLIPRecipeConfig
 from ogclip.recipes import TrainBatch, create_recipe
+from ogclip_jobs.config import TrainConfig
 from ogclip_jobs.train import build_optimizer, learning_rate, train_step
 
 

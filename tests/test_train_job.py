@@ -20,9 +20,10 @@ import pytest
 import ray
 import torch
 
-from ogclip.config import EvalConfig, PreprocessConfig, SynthStreamConfig, TrainConfig, TrainJobConfig
+from ogclip.config import PreprocessConfig
 from ogclip.synth import TargetClass, render
 from ogclip.transforms import apply_visual_prompt
+from ogclip_jobs.config import EvalConfig, SynthStreamConfig, TrainConfig, TrainJobConfig
 from ogclip_jobs.data.images import png_bytes
 from ogclip_jobs.evaluate import VARIANTS, AblationRun, variant_config, zero_shot_scores
 from ogclip_jobs.train import build_model_config_preprocess, sample_texts

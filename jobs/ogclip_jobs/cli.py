@@ -9,9 +9,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ogclip.config import ConfigError, DemoConfig, load_yaml_config
+from ogclip.config import ConfigError, load_yaml_config
 from ogclip.settings import configure_logging, get_settings
 from ogclip_jobs import submit
+from ogclip_jobs.config import DemoConfig
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -82,7 +83,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from ogclip.config import TrainJobConfig
+    from ogclip_jobs.config import TrainJobConfig
 
     cfg = load_yaml_config(args.config, TrainJobConfig) if args.config else TrainJobConfig()
     if args.steps is not None:
@@ -96,7 +97,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from ogclip.config import AblationConfig, EvalConfig, ProbeConfig
+    from ogclip_jobs.config import AblationConfig, EvalConfig, ProbeConfig
 
     if args.eval_command and args.mask_modes:
         raise ValueError(f"--mask-modes is an option of `eval` itself, not of `eval {args.eval_command}`")
@@ -218,7 +219,7 @@ _KG_COMMANDS = {"seed": _kg_seed, "query": _kg_query, "check": _kg_check, "expor
 
 
 def _data(args: argparse.Namespace) -> int:
-    from ogclip.config import DataPipelineConfig, SynthSourceConfig
+    from ogclip_jobs.config import DataPipelineConfig, SynthSourceConfig
     from ogclip_jobs.data.pipeline import run_pipeline
 
     if args.data_command == "synth":

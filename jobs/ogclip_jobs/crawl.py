@@ -46,7 +46,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 from urllib3.util import connection as urllib3_connection
 
-from ogclip.config import CrawlConfig, normalise_host
+from ogclip_jobs.config import CrawlConfig, normalise_host
 
 Decision = Literal[
     "ok",

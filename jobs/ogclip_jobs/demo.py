@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from ogclip.config import AblationConfig, DemoConfig
 from ogclip.models import create_model
+from ogclip_jobs.config import AblationConfig, DemoConfig
 from ogclip_jobs.data.pipeline import run_pipeline
 from ogclip_jobs.evaluate import VARIANTS, run_ablation, run_evaluation
 from ogclip_jobs.probe import run_probe

@@ -31,23 +31,21 @@ import torch
 from PIL import Image
 
 from ogclip.bundle import load_bundle
-from ogclip.config import (
-    AblationConfig,
-    EvalConfig,
-    EvalSegmenterConfig,
-    MaskMode,
-    PreprocessConfig,
-    PromptMode,
-    SynthStreamConfig,
-    TrainJobConfig,
-    VisualPromptName,
-)
+from ogclip.config import PreprocessConfig, PromptMode, VisualPromptName
 from ogclip.decode import decode_image
 from ogclip.metrics import image_flops, per_class_accuracy, zero_shot_predict
 from ogclip.models import OGCLIP, truncate
 from ogclip.segment import CpuSegmenter, Sam2Segmenter, box_mask, mask_box
 from ogclip.synth import TargetClass
 from ogclip.transforms import apply_visual_prompt, image_mask_transform
+from ogclip_jobs.config import (
+    AblationConfig,
+    EvalConfig,
+    EvalSegmenterConfig,
+    MaskMode,
+    SynthStreamConfig,
+    TrainJobConfig,
+)
 from ogclip_jobs.data.images import decode_mask, mask_iou
 from ogclip_jobs.data.stages import present
 from ogclip_jobs.train import data_labels, run_training

@@ -26,11 +26,11 @@ import torch
 import torch.nn.functional as F
 
 from ogclip.bundle import load_bundle
-from ogclip.config import ProbeConfig
 from ogclip.models import OGCLIP
 from ogclip.synth import TargetClass, render, spread_classes
 from ogclip.transforms import image_mask_transform
 from ogclip.zeroshot import class_embeddings
+from ogclip_jobs.config import ProbeConfig
 
 _log = logging.getLogger(__name__)
 

@@ -37,11 +37,12 @@ from PIL import Image
 from torch import Tensor
 
 from ogclip.bundle import export_bundle
-from ogclip.config import PromptMode, SynthStreamConfig, TrainConfig, TrainJobConfig
+from ogclip.config import PromptMode
 from ogclip.decode import decode_image
 from ogclip.models import OGCLIP, load_checkpoint, save_checkpoint
 from ogclip.recipes import Recipe, TrainBatch, create_recipe
 from ogclip.transforms import image_mask_transform
+from ogclip_jobs.config import SynthStreamConfig, TrainConfig, TrainJobConfig
 
 _log = logging.getLogger(__name__)
 

@@ -1,7 +1,8 @@
 """Process-wide settings, read from the environment with the ``OGCLIP_`` prefix (pydantic-settings).
 
-Stage and model parameters live in per-stage config schemas (``ogclip.config``); settings hold only what
-belongs to the machine or deployment: where data goes, which device, how to reach the graph.
+Stage and model parameters live in config schemas (``ogclip.config``, ``ogclip_jobs.config``,
+``ogclip_serve.config``); settings hold only what belongs to the machine or deployment: where data goes, which
+device, how to reach the graph.
 """
 
 from __future__ import annotations

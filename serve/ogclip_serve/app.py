@@ -13,7 +13,7 @@ idempotent request again to another replica when its replica dies mid-request.
 
 ``build_app(args)`` is the application builder for ``serve run``/``serve deploy``/RayService
 (``import_path: ogclip_serve.app:build_app``); ``args`` is a :class:`ogclip_serve.config.ServiceConfig` (or a
-:class:`ogclip.config.ServeConfig`) as a mapping, or ``{"config": "path/to/serve.yaml"}``.
+:class:`ogclip_serve.config.ServeConfig`) as a mapping, or ``{"config": "path/to/serve.yaml"}``.
 """
 
 # No ``from __future__ import annotations`` here: Serve pickles the deployment class by value and FastAPI then
@@ -42,9 +42,9 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ogclip import __version__
-from ogclip.config import ServeConfig, load_yaml_config
+from ogclip.config import load_yaml_config
 from ogclip_serve.auth import AuthPolicy
-from ogclip_serve.config import ServiceConfig, service_config
+from ogclip_serve.config import ServeConfig, ServiceConfig, service_config
 from ogclip_serve.errors import (
     BadRequest,
     InternalError,

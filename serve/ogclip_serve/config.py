@@ -1,4 +1,5 @@
-"""The service's configuration: :class:`ogclip.config.ServeConfig` plus the settings only the service reads.
+"""The service's configuration schemas: :class:`ServeConfig` (``ogclip serve up``'s YAML) and its sections, and
+:class:`ServiceConfig`, what the service validates against.
 
 ``ServiceConfig`` accepts every ``ServeConfig`` file as it is and adds, with defaults, the per-request pixel budget
 and working size under ``limits`` and the ``gateway`` section (the ingress that retries a request whose replica
@@ -7,11 +8,129 @@ died). The application builder, ``ogclip_serve.server`` and the replicas all val
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from ogclip.config import ServeConfig, ServeLimitsConfig, StrictModel
+from ogclip.config import StrictModel
+
+
+class ServeAutoscalingConfig(StrictModel):
+    """Ray Serve autoscaling of the classifier replicas (``autoscaling_config``)."""
+
+    min_replicas: int = Field(default=1, ge=1, description="kept warm: a cold replica loads the model and index")
+    max_replicas: int = Field(default=4, ge=1)
+    target_ongoing_requests: float = Field(default=4.0, gt=0, description="per replica, what Serve scales towards")
+    upscale_delay_s: float = Field(default=10.0, ge=0)
+    downscale_delay_s: float = Field(default=120.0, ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ServeAutoscalingConfig:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas {self.max_replicas} < min_replicas {self.min_replicas}")
+        return self
+
+
+class ServeDeploymentConfig(StrictModel):
+    """Resources and admission control of the classifier deployment."""
+
+    name: str = Field(default="OGClipClassifier", pattern=r"^[A-Za-z0-9_-]+$")
+    num_cpus: float = Field(default=1.0, gt=0, description="per replica; also its torch threads (rounded up)")
+    num_gpus: float = Field(default=0.0, ge=0)
+    autoscaling: ServeAutoscalingConfig = ServeAutoscalingConfig()
+    max_ongoing_requests: int = Field(default=16, ge=1, description="requests a replica works on at once")
+    max_queued_requests: int = Field(
+        default=64, ge=1, description="requests waiting for a replica; beyond this the service answers 503 at once "
+        "(back-pressure) instead of letting latency grow without bound")
+    health_check_period_s: float = Field(default=10.0, gt=0)
+    graceful_shutdown_timeout_s: float = Field(default=20.0, ge=0)
+    access_log: bool = Field(default=True, description="Serve's per-request access log lines in the replica logs")
+
+
+class ServeBatchingConfig(StrictModel):
+    """Dynamic batching across requests (``@serve.batch``): images (and texts) of concurrent requests share one
+    forward pass."""
+
+    enabled: bool = True
+    max_batch_size: int = Field(default=16, ge=1)
+    batch_wait_timeout_s: float = Field(default=0.005, ge=0, description="how long a partial batch waits to fill")
+
+
+class ServeLimitsConfig(StrictModel):
+    """Input limits: anything over them is a 4xx answer, never work for the replica."""
+
+    max_request_bytes: int = Field(default=32 * 1024 * 1024, ge=1024, description="a request body, in bytes")
+    max_images_per_request: int = Field(default=16, ge=1)
+    max_image_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, description="encoded bytes of one image or mask")
+    max_pixels: int = Field(default=16_000_000, ge=1, description="width × height; larger is refused before decoding")
+    max_texts_per_request: int = Field(default=64, ge=1)
+    max_text_chars: int = Field(default=4096, ge=1)
+    max_labels: int = Field(default=512, ge=1, description="explicit candidate labels in one request")
+    max_top_k: int = Field(default=100, ge=1)
+
+
+class ServeClassesConfig(StrictModel):
+    """Which class embeddings a replica serves and how it follows the graph."""
+
+    class_sets: list[str] = Field(default=["test"], min_length=1, description="graph class sets to serve")
+    default_class_set: str | None = Field(default=None, description="when a request names none (default: first)")
+    poll_interval_s: float = Field(default=5.0, gt=0, description="how often a replica checks the graph for changes")
+    full_refresh_s: float = Field(default=600.0, gt=0, description="reload everything even without a change seen")
+    embed_missing: bool = Field(
+        default=True, description="embed classes that have no stored embedding with the bundle's own text tower "
+        "(prompts from the graph's facts), instead of leaving them out")
+    write_back: bool = Field(default=True, description="store those on-demand embeddings in the graph")
+    prompts: Literal["kg", "label"] = Field(default="kg", description="prompt mode, as the export step used")
+    prompt_seed: int = Field(default=0, description="seed of the graph prompts, as the export step used")
+
+    @model_validator(mode="after")
+    def _default_is_served(self) -> ServeClassesConfig:
+        if self.default_class_set is not None and self.default_class_set not in self.class_sets:
+            raise ValueError(f"default_class_set {self.default_class_set!r} is not in class_sets {self.class_sets}")
+        return self
+
+    @property
+    def default(self) -> str:
+        return self.default_class_set or self.class_sets[0]
+
+
+class ServeMaskConfig(StrictModel):
+    """Where the ROI mask comes from when a request brings none: 'none' (all ones, the plain-CLIP reading), 'cpu'
+    (the weight-free segmenter) or 'sam2' (a local checkpoint, prompted with the request's box when there is one)."""
+
+    segmenter: Literal["none", "cpu", "sam2"] = "none"
+    sam2_checkpoint: Path | None = None
+    sam2_config: str = "configs/sam2.1/sam2.1_hiera_l.yaml"
+
+    @model_validator(mode="after")
+    def _needs_checkpoint(self) -> ServeMaskConfig:
+        if self.segmenter == "sam2" and self.sam2_checkpoint is None:
+            raise ValueError("masks.segmenter 'sam2' needs masks.sam2_checkpoint (a local path)")
+        return self
+
+
+class ServeConfig(StrictModel):
+    """``ogclip serve up``: the classification service (Ray Serve), one app serving one export bundle."""
+
+    bundle: Path = Path("outputs/demo/train/og-clip-tiny-demo/bundle")
+    model_version: str | None = Field(
+        default=None, description="the version the bundle must have; a different bundle is refused at start")
+    app_name: str = Field(default="ogclip", pattern=r"^[A-Za-z0-9_-]+$")
+    host: str = Field(default="127.0.0.1", description="HTTP address of the Serve proxy")
+    port: int = Field(default=8000, gt=0, lt=65536)
+    route_prefix: str = Field(default="/", pattern=r"^/")
+    dims: list[int] | None = Field(default=None, description="served embedding sizes (default: all of the model's)")
+    device: str = "auto"
+    deployment: ServeDeploymentConfig = ServeDeploymentConfig()
+    batching: ServeBatchingConfig = ServeBatchingConfig()
+    limits: ServeLimitsConfig = ServeLimitsConfig()
+    classes: ServeClassesConfig = ServeClassesConfig()
+    masks: ServeMaskConfig = ServeMaskConfig()
+    ray_num_cpus: int | None = Field(default=None, ge=1, description="local Ray's CPUs when no cluster is set")
+    metrics_port: int | None = Field(
+        default=None, gt=0, lt=65536, description="local Ray's Prometheus export port (on a cluster: "
+        "`ray start --metrics-export-port`)")
 
 
 class ServiceLimits(ServeLimitsConfig):

@@ -27,9 +27,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from ogclip.config import ServeLimitsConfig
 from ogclip.segment import box_mask, box_pixels
-from ogclip_serve.config import ServiceLimits
+from ogclip_serve.config import ServeLimitsConfig, ServiceLimits
 from ogclip_serve.errors import BadRequest, PayloadTooLarge, printable
 
 Segmenter = Callable[[Image.Image, Sequence[float] | None], np.ndarray]

@@ -33,9 +33,9 @@ from typing import Any
 import yaml
 
 from ogclip import daemon
-from ogclip.config import ServeConfig, load_yaml_config
+from ogclip.config import load_yaml_config
 from ogclip.settings import Settings, keep_local_ray_on_loopback
-from ogclip_serve.config import ServiceConfig
+from ogclip_serve.config import ServeConfig, ServiceConfig
 
 PID_FILE, LOG_FILE, STATE_FILE, TOKEN_FILE = "server.pid", "server.log", "server.json", "token"
 

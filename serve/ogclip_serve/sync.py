@@ -22,11 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from ogclip.config import ServeClassesConfig
 from ogclip.models import OGCLIP
 from ogclip_kg import cypher
 from ogclip_kg.prompts import embed_classes, fetch_class_facts
 from ogclip_kg.store import GraphStore
+from ogclip_serve.config import ServeClassesConfig
 from ogclip_serve.errors import EmbeddingVersionError, NotFound
 from ogclip_serve.index import ClassInfo, ClassSetIndex, Snapshot, VectorIndex
 

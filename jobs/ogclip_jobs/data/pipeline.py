@@ -26,8 +26,8 @@ import ray.data
 from ray.data import Dataset
 from ray.data.expressions import col
 
-from ogclip.config import DataPipelineConfig, StageResources
 from ogclip.synth import TargetClass, spread_classes
+from ogclip_jobs.config import DataPipelineConfig, StageResources
 from ogclip_jobs.data import stages
 from ogclip_jobs.data.images import hamming
 from ogclip_jobs.runtime import ensure_ray, open_graph
