@@ -178,14 +178,14 @@ def overload(stack: ExitStack, home: Path, settings: Any, base: Any, clients: in
     from ogclip.synth import TargetClass, render
     from ogclip_jobs.data.images import png_bytes
     from ogclip_serve.app import build_app
-    from ogclip_serve.config import ServeAutoscalingConfig, service_config
+    from ogclip_serve.config import ServeAutoscalingConfig, serve_config
 
     sample = render(TargetClass("bench", "military aircraft", "swept wing", "grey"), seed=0, size=512)
     payload = {"images": [{"image": base64.b64encode(png_bytes(sample.image)).decode(),
                            "mask": base64.b64encode(png_bytes(sample.mask)).decode()}],
                "class_set": CLASS_SET, "top_k": 5}
     port = _start_serve(stack, home, settings)
-    cfg = service_config(base)
+    cfg = serve_config(base)
     one_replica = cfg.deployment.model_copy(update={"autoscaling": ServeAutoscalingConfig(min_replicas=1,
                                                                                           max_replicas=1)})
     budget = cfg.gateway.latency_budget_s

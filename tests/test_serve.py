@@ -53,9 +53,8 @@ from ogclip_serve.config import (
     ServeClassesConfig,
     ServeConfig,
     ServeDeploymentConfig,
+    ServeLimitsConfig,
     ServeMaskConfig,
-    ServiceConfig,
-    ServiceLimits,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,7 +111,7 @@ def world(graph: GraphStore, bundle: tuple[OGCLIP, BundleInfo]) -> World:
 @dataclass
 class Service:
     url: str
-    cfg: ServiceConfig
+    cfg: ServeConfig
     metrics_port: int
     session: requests.Session
 
@@ -133,14 +132,14 @@ def _graph_env(graph: GraphStore, kg_settings: Settings) -> dict[str, str]:
     return {}
 
 
-def service_config(info: BundleInfo, port: int, **updates: Any) -> ServiceConfig:
-    cfg = ServiceConfig(
+def service_config(info: BundleInfo, port: int, **updates: Any) -> ServeConfig:
+    cfg = ServeConfig(
         bundle=info.path, model_version=info.model_version, app_name=APP, host="127.0.0.1", port=port,
         deployment=ServeDeploymentConfig(num_cpus=0.25, autoscaling=ServeAutoscalingConfig(
             min_replicas=2, max_replicas=2), max_ongoing_requests=4, max_queued_requests=4),
         # Three 1000×1000 images are over the request's pixel budget; JPEGs are decoded at half size (their working
         # size is 256×256), so three of those are not.
-        limits=ServiceLimits(max_images_per_request=8, max_image_bytes=256 * 1024, max_pixels=1_000_000,
+        limits=ServeLimitsConfig(max_images_per_request=8, max_image_bytes=256 * 1024, max_pixels=1_000_000,
                              max_request_bytes=4 * 1024 * 1024, max_request_pixels=2_500_000, working_pixels=65_536),
         classes=ServeClassesConfig(class_sets=["test", HOT_SET], poll_interval_s=0.5),
         masks=ServeMaskConfig(segmenter="cpu"),
@@ -245,7 +244,7 @@ def test_shipped_config_renders_a_valid_ray_serve_deploy_config(tmp_path: Path) 
     from ogclip_serve.app import config_from_args, deployment_options, gateway_options
     from ogclip_serve.server import deploy_config
 
-    cfg = load_yaml_config(ROOT / "infra/serve/demo.yaml", ServiceConfig)
+    cfg = load_yaml_config(ROOT / "infra/serve/demo.yaml", ServeConfig)
     assert cfg.model_dump(exclude={"limits", "gateway"}) == load_yaml_config(
         ROOT / "infra/serve/demo.yaml", ServeConfig).model_dump(exclude={"limits"}), "a ServeConfig file is valid"
     rendered = deploy_config(cfg)
@@ -277,7 +276,7 @@ def test_decoded_pixels_are_counted_from_headers_and_bounded() -> None:
     from ogclip_serve.errors import BadRequest, PayloadTooLarge
     from ogclip_serve.inputs import RawImage, open_request, prepare_all, working_size
 
-    limits = ServiceLimits(max_image_bytes=4 * 1024 * 1024, max_pixels=4_000_000, max_request_pixels=5_000_000,
+    limits = ServeLimitsConfig(max_image_bytes=4 * 1024 * 1024, max_pixels=4_000_000, max_request_pixels=5_000_000,
                            working_pixels=512 * 512)
     photo = Image.new("RGB", (2000, 1500), (30, 80, 140))
     photo.paste((230, 200, 40), (800, 600, 1200, 900))
@@ -419,7 +418,7 @@ def test_the_gateway_health_check_keeps_its_readiness_answer_fresh(tmp_path: Pat
     ready = Answer(200, [(b"content-type", b"application/json")], b'{"status": "ready"}')
     unready = Answer(503, [(b"content-type", b"application/json")], b'{"error": {"code": "no_classes"}}')
     monkeypatch.setenv("OGCLIP_API_TOKEN", TOKEN)
-    config = ServiceConfig(bundle=tmp_path, model_version="v", gateway={"busy_ready_s": 0.2, "ready_timeout_s": 0.1})
+    config = ServeConfig(bundle=tmp_path, model_version="v", gateway={"busy_ready_s": 0.2, "ready_timeout_s": 0.1})
     gateway = OGClipGateway.func_or_class(Replicas(), config.model_dump(mode="json"))
     assert gateway._ready is None  # nobody asked /readyz yet
 

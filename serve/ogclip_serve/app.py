@@ -12,7 +12,7 @@ whole to a replica's :meth:`OGClipClassifier.forward` (which runs it through the
 idempotent request again to another replica when its replica dies mid-request.
 
 ``build_app(args)`` is the application builder for ``serve run``/``serve deploy``/RayService
-(``import_path: ogclip_serve.app:build_app``); ``args`` is a :class:`ogclip_serve.config.ServiceConfig` (or a
+(``import_path: ogclip_serve.app:build_app``); ``args`` is a :class:`ogclip_serve.config.ServeConfig` (or a
 :class:`ogclip_serve.config.ServeConfig`) as a mapping, or ``{"config": "path/to/serve.yaml"}``.
 """
 
@@ -44,7 +44,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ogclip import __version__
 from ogclip.config import load_yaml_config
 from ogclip_serve.auth import AuthPolicy
-from ogclip_serve.config import ServeConfig, ServiceConfig, service_config
+from ogclip_serve.config import ServeConfig, serve_config
 from ogclip_serve.errors import (
     BadRequest,
     InternalError,
@@ -314,7 +314,7 @@ class OGClipClassifier:
         from ogclip_serve.metrics import ServiceMetrics
         from ogclip_serve.sync import ClassEmbeddingSync
 
-        self.cfg = cfg = service_config(dict(config))
+        self.cfg = cfg = serve_config(dict(config))
         settings = Settings()
         auth = AuthPolicy.from_settings(settings, cfg.host)  # before anything slow: a wrong setup fails at once
         # A replica owns a fraction of a node: as many torch threads as its CPUs, not the node's core count.
@@ -717,14 +717,13 @@ class OGClipClassifier:
 
 # -- the application builder -------------------------------------------------------------------------------------
 
-def config_from_args(args: Mapping[str, Any] | ServeConfig) -> ServiceConfig:
-    """A ServiceConfig from builder args: a ServeConfig (or ServiceConfig), ``{"config": PATH}`` (a YAML file), or
-    the fields inline."""
+def config_from_args(args: Mapping[str, Any] | ServeConfig) -> ServeConfig:
+    """A ServeConfig from builder args: a ServeConfig, ``{"config": PATH}`` (a YAML file), or the fields inline."""
     if isinstance(args, ServeConfig):
-        return service_config(args)
+        return args
     if set(args) == {"config"}:
-        return load_yaml_config(args["config"], ServiceConfig)  # type: ignore[return-value]
-    return ServiceConfig.model_validate(dict(args))
+        return load_yaml_config(args["config"], ServeConfig)  # type: ignore[return-value]
+    return ServeConfig.model_validate(dict(args))
 
 
 def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
@@ -751,7 +750,7 @@ def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
     }
 
 
-def gateway_options(cfg: ServiceConfig) -> dict[str, Any]:
+def gateway_options(cfg: ServeConfig) -> dict[str, Any]:
     """Ray Serve deployment options of the gateway (the ingress).
 
     It takes ``gateway.max_ongoing_requests`` at once, far more than the replicas can hold: a request costs it

@@ -1,13 +1,9 @@
-"""The service's configuration schemas: :class:`ServeConfig` (``ogclip serve up``'s YAML) and its sections, and
-:class:`ServiceConfig`, what the service validates against.
-
-``ServiceConfig`` accepts every ``ServeConfig`` file as it is and adds, with defaults, the per-request pixel budget
-and working size under ``limits`` and the ``gateway`` section (the ingress that retries a request whose replica
-died). The application builder, ``ogclip_serve.server`` and the replicas all validate against it.
-"""
+"""The service's configuration schema: :class:`ServeConfig` (``ogclip serve up``'s YAML) and its sections. The
+application builder, ``ogclip_serve.server``, the gateway and the replicas all validate against it."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -58,7 +54,8 @@ class ServeBatchingConfig(StrictModel):
 
 
 class ServeLimitsConfig(StrictModel):
-    """Input limits: anything over them is a 4xx answer, never work for the replica."""
+    """Input limits: anything over them is a 4xx answer, never work for the replica; and the bounds on what one
+    request may make a replica decode and process."""
 
     max_request_bytes: int = Field(default=32 * 1024 * 1024, ge=1024, description="a request body, in bytes")
     max_images_per_request: int = Field(default=16, ge=1)
@@ -68,6 +65,16 @@ class ServeLimitsConfig(StrictModel):
     max_text_chars: int = Field(default=4096, ge=1)
     max_labels: int = Field(default=512, ge=1, description="explicit candidate labels in one request")
     max_top_k: int = Field(default=100, ge=1)
+
+
+    max_request_pixels: int = Field(
+        default=16_000_000, ge=1, description="decoded pixels of all images and masks of one request together, "
+        "counted from their headers (JPEGs at the reduced size they are decoded at) before anything is decoded; "
+        "more is refused with 413")
+    working_pixels: int = Field(
+        default=512 * 512, ge=4096, description="a decoded image (and its mask) larger than this is reduced to "
+        "about this many pixels before segmentation and preprocessing, which then cost the same for any input "
+        "size; JPEGs are decoded at a reduced scale to begin with")
 
 
 class ServeClassesConfig(StrictModel):
@@ -110,42 +117,6 @@ class ServeMaskConfig(StrictModel):
         return self
 
 
-class ServeConfig(StrictModel):
-    """``ogclip serve up``: the classification service (Ray Serve), one app serving one export bundle."""
-
-    bundle: Path = Path("outputs/demo/train/og-clip-tiny-demo/bundle")
-    model_version: str | None = Field(
-        default=None, description="the version the bundle must have; a different bundle is refused at start")
-    app_name: str = Field(default="ogclip", pattern=r"^[A-Za-z0-9_-]+$")
-    host: str = Field(default="127.0.0.1", description="HTTP address of the Serve proxy")
-    port: int = Field(default=8000, gt=0, lt=65536)
-    route_prefix: str = Field(default="/", pattern=r"^/")
-    dims: list[int] | None = Field(default=None, description="served embedding sizes (default: all of the model's)")
-    device: str = "auto"
-    deployment: ServeDeploymentConfig = ServeDeploymentConfig()
-    batching: ServeBatchingConfig = ServeBatchingConfig()
-    limits: ServeLimitsConfig = ServeLimitsConfig()
-    classes: ServeClassesConfig = ServeClassesConfig()
-    masks: ServeMaskConfig = ServeMaskConfig()
-    ray_num_cpus: int | None = Field(default=None, ge=1, description="local Ray's CPUs when no cluster is set")
-    metrics_port: int | None = Field(
-        default=None, gt=0, lt=65536, description="local Ray's Prometheus export port (on a cluster: "
-        "`ray start --metrics-export-port`)")
-
-
-class ServiceLimits(ServeLimitsConfig):
-    """``ServeLimitsConfig`` plus the bounds on what one request may make a replica decode and process."""
-
-    max_request_pixels: int = Field(
-        default=16_000_000, ge=1, description="decoded pixels of all images and masks of one request together, "
-        "counted from their headers (JPEGs at the reduced size they are decoded at) before anything is decoded; "
-        "more is refused with 413")
-    working_pixels: int = Field(
-        default=512 * 512, ge=4096, description="a decoded image (and its mask) larger than this is reduced to "
-        "about this many pixels before segmentation and preprocessing, which then cost the same for any input "
-        "size; JPEGs are decoded at a reduced scale to begin with")
-
-
 class GatewayConfig(StrictModel):
     """The ingress deployment in front of the classifier replicas: it buffers each request (at most
     ``limits.max_request_bytes``), hands it to a replica, and re-sends an idempotent request (classify,
@@ -176,11 +147,28 @@ class GatewayConfig(StrictModel):
         "readiness a replica gave) as long as a replica has answered a request within this many seconds")
 
 
-class ServiceConfig(ServeConfig):
-    """``ogclip serve up``'s configuration as the service reads it (a ServeConfig file is a valid one)."""
+class ServeConfig(StrictModel):
+    """``ogclip serve up``: the classification service (Ray Serve), one app serving one export bundle."""
 
-    limits: ServiceLimits = ServiceLimits()
+    bundle: Path = Path("outputs/demo/train/og-clip-tiny-demo/bundle")
+    model_version: str | None = Field(
+        default=None, description="the version the bundle must have; a different bundle is refused at start")
+    app_name: str = Field(default="ogclip", pattern=r"^[A-Za-z0-9_-]+$")
+    host: str = Field(default="127.0.0.1", description="HTTP address of the Serve proxy")
+    port: int = Field(default=8000, gt=0, lt=65536)
+    route_prefix: str = Field(default="/", pattern=r"^/")
+    dims: list[int] | None = Field(default=None, description="served embedding sizes (default: all of the model's)")
+    device: str = "auto"
+    deployment: ServeDeploymentConfig = ServeDeploymentConfig()
+    batching: ServeBatchingConfig = ServeBatchingConfig()
+    limits: ServeLimitsConfig = ServeLimitsConfig()
     gateway: GatewayConfig = GatewayConfig()
+    classes: ServeClassesConfig = ServeClassesConfig()
+    masks: ServeMaskConfig = ServeMaskConfig()
+    ray_num_cpus: int | None = Field(default=None, ge=1, description="local Ray's CPUs when no cluster is set")
+    metrics_port: int | None = Field(
+        default=None, gt=0, lt=65536, description="local Ray's Prometheus export port (on a cluster: "
+        "`ray start --metrics-export-port`)")
 
     @property
     def classifier_capacity(self) -> int:
@@ -189,10 +177,6 @@ class ServiceConfig(ServeConfig):
         return d.autoscaling.max_replicas * d.max_ongoing_requests + d.max_queued_requests
 
 
-def service_config(value: ServeConfig | dict[str, Any]) -> ServiceConfig:
-    """A ServiceConfig from a ServeConfig (or a subclass) or a mapping of its fields."""
-    if isinstance(value, ServiceConfig):
-        return value
-    if isinstance(value, ServeConfig):
-        value = value.model_dump()
-    return ServiceConfig.model_validate(dict(value))
+def serve_config(value: ServeConfig | Mapping[str, Any]) -> ServeConfig:
+    """A ServeConfig from a ServeConfig or a mapping of its fields (what a deployment is handed)."""
+    return value if isinstance(value, ServeConfig) else ServeConfig.model_validate(dict(value))

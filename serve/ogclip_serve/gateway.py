@@ -36,7 +36,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ogclip_serve.auth import AuthPolicy
-from ogclip_serve.config import service_config
+from ogclip_serve.config import serve_config
 from ogclip_serve.errors import InternalError, ServiceError, Unavailable
 from ogclip_serve.metrics import endpoint_label
 from ogclip_serve.transport import Answer, Forwarded, error_response, forwardable, read_body
@@ -120,7 +120,7 @@ class OGClipGateway:
         from ogclip.settings import Settings
         from ogclip_serve.metrics import ServiceMetrics
 
-        self.cfg = cfg = service_config(dict(config))
+        self.cfg = cfg = serve_config(dict(config))
         self.classifier = classifier
         self.auth = AuthPolicy.from_settings(Settings(), cfg.host)
         self.metrics = ServiceMetrics()

@@ -28,7 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from ogclip.segment import box_mask, box_pixels
-from ogclip_serve.config import ServeLimitsConfig, ServiceLimits
+from ogclip_serve.config import ServeLimitsConfig
 from ogclip_serve.errors import BadRequest, PayloadTooLarge, printable
 
 Segmenter = Callable[[Image.Image, Sequence[float] | None], np.ndarray]
@@ -151,11 +151,6 @@ def decode_base64(data: str, what: str, max_bytes: int) -> bytes:
 
 # -- images --------------------------------------------------------------------------------------------------------
 
-def service_limits(limits: ServeLimitsConfig) -> ServiceLimits:
-    """The service's limits (pixel budget and working size included) from plain ServeLimitsConfig ones."""
-    return limits if isinstance(limits, ServiceLimits) else ServiceLimits.model_validate(limits.model_dump())
-
-
 def working_size(width: int, height: int, pixels: int) -> tuple[int, int]:
     """``width``×``height`` scaled down, aspect kept, to about ``pixels`` (unchanged when already smaller)."""
     if width * height <= pixels:
@@ -224,7 +219,6 @@ def open_request(raws: Sequence[RawImage], limits: ServeLimitsConfig, names: Seq
     """Open every image and mask of a request from its header, and refuse the request (413) when together they
     would decode to more than ``limits.max_request_pixels``: nothing is decoded before that check. ``names``
     (default ``images[i]``) name the images in messages; an image itself is ``<name><image_suffix>``."""
-    limits = service_limits(limits)
     opened, total = [], 0
     for i, raw in enumerate(raws):
         what = names[i] if names is not None else f"images[{i}]"

@@ -35,7 +35,7 @@ import yaml
 from ogclip import daemon
 from ogclip.config import load_yaml_config
 from ogclip.settings import Settings, keep_local_ray_on_loopback
-from ogclip_serve.config import ServeConfig, ServiceConfig
+from ogclip_serve.config import ServeConfig
 
 PID_FILE, LOG_FILE, STATE_FILE, TOKEN_FILE = "server.pid", "server.log", "server.json", "token"
 
@@ -155,9 +155,9 @@ def run(cfg: ServeConfig, settings: Settings) -> None:
         print("classification service stopped", flush=True)
 
 
-def load_config(config_path: Path | None) -> ServiceConfig:
+def load_config(config_path: Path | None) -> ServeConfig:
     """The service's config: a YAML file, or the built-in defaults (the demo's bundle under ./outputs/demo)."""
-    return load_yaml_config(config_path, ServiceConfig) if config_path is not None else ServiceConfig()
+    return load_yaml_config(config_path, ServeConfig) if config_path is not None else ServeConfig()
 
 
 def up(config_path: Path | None, settings: Settings, timeout: float = 600.0) -> str:
