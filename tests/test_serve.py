@@ -245,8 +245,6 @@ def test_shipped_config_renders_a_valid_ray_serve_deploy_config(tmp_path: Path) 
     from ogclip_serve.server import deploy_config
 
     cfg = load_yaml_config(ROOT / "infra/serve/demo.yaml", ServeConfig)
-    assert cfg.model_dump(exclude={"limits", "gateway"}) == load_yaml_config(
-        ROOT / "infra/serve/demo.yaml", ServeConfig).model_dump(exclude={"limits"}), "a ServeConfig file is valid"
     rendered = deploy_config(cfg)
     schema = ServeDeploySchema.model_validate(rendered) if hasattr(ServeDeploySchema, "model_validate") \
         else ServeDeploySchema.parse_obj(rendered)
