@@ -122,3 +122,30 @@ def test_the_centre_follows_the_teacher_mean_and_the_head_has_unit_prototypes() 
     head = PrototypeHead(8, hidden=16, bottleneck=4, prototypes=32)
     logits = head(torch.randn(5, 8))
     assert logits.shape == (5, 32) and float(logits.detach().abs().max()) <= 1.0 + 1e-6, "cosines of unit vectors"
+
+
+def test_vit_tokens_matches_the_tower_and_drops_removed_patches(micro_minilm) -> None:
+    from conftest import images_and_masks
+
+    from ogclip.recipes.detail_clip import vit_tokens
+
+    model = micro_minilm.eval()
+    images, masks = images_and_masks(batch=2)
+    x = model._with_mask(images, masks)
+    with torch.no_grad():
+        pooled, tokens, attentions = vit_tokens(model.visual, x, with_attention=True)
+        torch.testing.assert_close(pooled, model.visual(x))
+        plain, _, none = vit_tokens(model.visual, x)
+        torch.testing.assert_close(plain, pooled)
+        grid = model.cfg.image_size // model.cfg.vision_cfg["patch_size"]
+        assert tokens.shape[1] == 1 + grid * grid and not none
+        assert len(attentions) == model.cfg.vision_cfg["layers"]
+        torch.testing.assert_close(attentions[0].sum(-1), torch.ones_like(attentions[0].sum(-1)))
+        kept = keep_mask(cls_attention(attentions), grid=grid, removal=0.5)
+        _, kept_tokens, kept_attn = vit_tokens(model.visual, x, kept, with_attention=True)
+        assert kept_tokens.shape[1] == 1 + int(kept[0].sum()) == 1 + grid * grid // 2
+        assert kept_attn[0].shape[-1] == kept_tokens.shape[1]
+    with pytest.raises(ValueError, match="same number"):
+        uneven = kept.clone()
+        uneven[0, kept[0].nonzero()[0]] = False
+        vit_tokens(model.visual, x, uneven)
