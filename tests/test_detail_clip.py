@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+from ogclip.models.detail import PrototypeHead, vit_tokens
 from ogclip.recipes.detail_clip import (
-    PrototypeHead,
     cls_attention,
     cls_loss,
     distillation,
@@ -127,8 +127,6 @@ def test_the_centre_follows_the_teacher_mean_and_the_head_has_unit_prototypes() 
 def test_vit_tokens_matches_the_tower_and_drops_removed_patches(micro_minilm) -> None:
     from conftest import images_and_masks
 
-    from ogclip.recipes.detail_clip import vit_tokens
-
     model = micro_minilm.eval()
     images, masks = images_and_masks(batch=2)
     x = model._with_mask(images, masks)
@@ -149,3 +147,38 @@ def test_vit_tokens_matches_the_tower_and_drops_removed_patches(micro_minilm) ->
         uneven = kept.clone()
         uneven[0, kept[0].nonzero()[0]] = False
         vit_tokens(model.visual, x, uneven)
+
+
+def test_the_detail_clip_recipe_trains_with_the_shared_step_and_its_teacher_follows(tmp_path) -> None:
+    from conftest import MICRO_MINILM, images_and_masks
+
+    import ogclip
+    from ogclip.config import DetailCLIPRecipeConfig, DetailConfig
+    from ogclip.models import DetailCLIP
+    from ogclip.recipes import TrainBatch, create_recipe
+    from ogclip_jobs.config import TrainConfig
+    from ogclip_jobs.train import build_optimizer, train_step
+
+    recipe = create_recipe(DetailCLIPRecipeConfig(head=DetailConfig(head_hidden=32, head_bottleneck=16, prototypes=64,
+                                                                    decoder_heads=4)))
+    torch.manual_seed(0)
+    model = ogclip.create_model("og-clip-tiny", device="cpu", **MICRO_MINILM, **recipe.model_overrides())
+    assert isinstance(model, DetailCLIP) and not any(p.requires_grad for p in model.teacher.parameters())
+    teacher_before = [p.clone() for p in model.teacher.parameters()]
+    cfg = TrainConfig(lr=1e-3, warmup_steps=1, steps=3)
+    optimizer = build_optimizer(model, cfg)
+    images, masks = images_and_masks(batch=4)
+    batch = TrainBatch(images=images, masks=masks, texts=model.tokenize([f"target {i}" for i in range(5)]),
+                       text_owner=torch.tensor([0, 1, 2, 3, 4]), labels=torch.arange(4))
+    generator = torch.Generator().manual_seed(0)
+    rows = [train_step(model, recipe, optimizer, s, cfg, batch, generator) for s in range(3)]
+    assert {"loss", "loss_clip", "loss_cls", "loss_patch", "loss_rec", "kept_on_target"} <= set(rows[0])
+    assert all(torch.isfinite(r["loss"]) for r in rows)
+    assert any(not torch.equal(a, b) for a, b in zip(teacher_before, model.teacher.parameters(), strict=True)), \
+        "the teacher moved towards the student"
+    assert float(model.center_cls.abs().sum()) > 0
+    bundle = ogclip.export_bundle(model, tmp_path / "bundle", recipe="detail-clip")
+    served, info = ogclip.load_bundle(bundle.path, device="cpu")
+    assert isinstance(served, DetailCLIP) and (info.architecture, info.recipe) == ("detail-clip", "detail-clip")
+    with torch.no_grad():
+        torch.testing.assert_close(served.encode_image(images), model.eval().encode_image(images))

@@ -97,8 +97,9 @@ class _CountingRecipe(Recipe):
         pull = (features - 1.0).pow(2).mean()
         return {"loss": pull, "loss_pull": pull.detach(), "spread": features.std(dim=0).mean().detach()}
 
-    def after_step(self, model: nn.Module, step: int) -> None:
+    def after_step(self, model: nn.Module, step: int, total_steps: int) -> None:
         self.after.append((model, step))
+        assert total_steps == 3
 
 
 @pytest.fixture

@@ -98,7 +98,7 @@ def train_step(
     terms["loss"].backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
     optimizer.step()
-    recipe.after_step(getattr(model, "module", model), step + 1)
+    recipe.after_step(getattr(model, "module", model), step + 1, cfg.steps)
     return terms
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -72,6 +72,16 @@ def _open_clip_fields(tower: Literal["vision", "text"]) -> set[str]:
     return {f.name for f in dataclasses.fields(CLIPVisionCfg if tower == "vision" else CLIPTextCfg)}
 
 
+class DetailConfig(StrictModel):
+    """The training-only parts of a ``detail-clip`` architecture (DetailCLIP): the prototype head shared by CLS and
+    patch tokens, and the one-block decoder (as wide as the encoder)."""
+
+    head_hidden: int = Field(default=2048, ge=1)
+    head_bottleneck: int = Field(default=256, ge=1)
+    prototypes: int = Field(default=8192, ge=2)
+    decoder_heads: int = Field(default=16, ge=1, description="must divide the encoder's width")
+
+
 class ModelConfig(StrictModel):
     """A model architecture: ``architecture`` names the class that builds it (``og-clip`` for OG-CLIP, the default,
     so configs and bundles written before the key read as OG-CLIP), open_clip's ``vision_cfg``/``text_cfg`` layout
@@ -93,6 +103,7 @@ class ModelConfig(StrictModel):
         default_factory=dict,
         description="Overrides of mean/std/interpolation/roi_zoom; image_size comes from vision_cfg.",
     )
+    detail: DetailConfig | None = Field(default=None, description="a detail-clip architecture's training parts")
 
     @field_validator("vision_cfg")
     @classmethod
@@ -135,12 +146,9 @@ VisualPromptName = Literal["roi", "none", "red_circle", "background_mask"]
 PromptMode = Literal["kg", "label"]
 
 
-class OGCLIPRecipeConfig(StrictModel):
-    """The OG-CLIP recipe (``recipe: {kind: og-clip, …}`` in a training config): ROI mask, KG-Aug prompts, Adaptive
-    MRL + BPA. What the method changes in the training step lives here; the loop, the optimiser and the data are
-    shared by every recipe (:mod:`ogclip.recipes`)."""
+class TextSupervision(StrictModel):
+    """What every recipe's image tower is contrasted with: the classes' graph prompts or captions."""
 
-    kind: Literal["og-clip"] = "og-clip"
     prompts: PromptMode = Field(default="kg", description="'kg': graph prompts + captions (KG-Aug); 'label': names")
     caption_ratio: float = Field(
         default=0.5, ge=0, le=1, description="with 'kg' prompts, the share of images trained against their own "
@@ -148,15 +156,44 @@ class OGCLIPRecipeConfig(StrictModel):
     hard_negatives: int = Field(
         default=0, ge=0, description="with 'kg' prompts, the looks one visual attribute away from an image's class "
         "that join the batch's texts as extra negatives, per image")
+
+
+class OGCLIPRecipeConfig(TextSupervision):
+    """The OG-CLIP recipe (``recipe: {kind: og-clip, …}`` in a training config): ROI mask, KG-Aug prompts, Adaptive
+    MRL + BPA. What the method changes in the training step lives here; the loop, the optimiser and the data are
+    shared by every recipe (:mod:`ogclip.recipes`)."""
+
+    kind: Literal["og-clip"] = "og-clip"
     visual_prompt: VisualPromptName = "roi"
     hybrid_ratio: float = Field(default=0.1, ge=0, le=1, description="r_s: share of batches with an all-ones mask")
     mrl: Literal["adaptive", "uniform", "none"] | None = Field(
         default=None, description="override the architecture's MRL weighting (ablations)")
 
 
-# Every recipe's config, told apart by ``kind``; a discriminated union (``Field(discriminator="kind")``, as
-# ``DataPipelineConfig.source``) once there is a second recipe.
-RecipeConfig = OGCLIPRecipeConfig
+class DetailCLIPRecipeConfig(TextSupervision):
+    """The DetailCLIP recipe (``recipe: {kind: detail-clip, …}``): CLIP plus an EMA teacher's CLS and patch
+    distillation and MAE reconstruction of the patches removed where the teacher's attention is lowest."""
+
+    kind: Literal["detail-clip"] = "detail-clip"
+    removal: float = Field(default=0.5, ge=0, lt=1, description="share of patch blocks the student does not see")
+    removal_mode: Literal["attention", "random", "inverted"] = Field(
+        default="attention", description="which blocks go: the teacher's lowest CLS attention (the method), random, "
+        "or the highest (ablation arms)")
+    block: int = Field(default=2, ge=1, description="removal works on block × block patches")
+    alpha_cls: float = Field(default=1.0, ge=0)
+    alpha_patch: float = Field(default=1.0, ge=0)
+    alpha_rec: float = Field(default=1.0, ge=0)
+    teacher_momentum: float = Field(default=0.996, ge=0, le=1, description="λ at step 0; cosine to 1 at the end")
+    teacher_temp_cls: float = Field(default=0.04, gt=0)
+    teacher_temp_patch: float = Field(default=0.07, gt=0)
+    student_temp: float = Field(default=0.1, gt=0)
+    center_momentum: float = Field(default=0.9, ge=0, le=1)
+    crop_scale: tuple[float, float] = Field(default=(0.14, 1.0), description="each view's random resized crop")
+    head: DetailConfig = DetailConfig()
+
+
+# Every recipe's config, told apart by ``kind``.
+RecipeConfig = Annotated[OGCLIPRecipeConfig | DetailCLIPRecipeConfig, Field(discriminator="kind")]
 
 
 class ConfigError(ValueError):

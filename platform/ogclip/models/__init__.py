@@ -1,6 +1,7 @@
 """OG-CLIP models: registry, architecture, Matryoshka head, checkpoints."""
 
 from ogclip.models.checkpoint import CheckpointError, LoadReport, load_checkpoint, read_state_dict, save_checkpoint
+from ogclip.models.detail import DetailCLIP
 from ogclip.models.mrl import MatryoshkaHead, granularity_dims, truncate
 from ogclip.models.ogclip import OGCLIP, ROIPatchEmbed
 from ogclip.models.registry import (
@@ -15,6 +16,7 @@ from ogclip.models.registry import (
 __all__ = [
     "OGCLIP",
     "CheckpointError",
+    "DetailCLIP",
     "LoadReport",
     "MatryoshkaHead",
     "ROIPatchEmbed",

@@ -7,6 +7,8 @@ recipe. ``og-clip`` (:class:`OGCLIPRecipe`) is the first.
 """
 
 from ogclip.recipes.base import Recipe, TrainBatch, create_recipe, list_recipes, register_recipe
+from ogclip.recipes.detail_clip import DetailCLIPRecipe
 from ogclip.recipes.og_clip import OGCLIPRecipe
 
-__all__ = ["OGCLIPRecipe", "Recipe", "TrainBatch", "create_recipe", "list_recipes", "register_recipe"]
+__all__ = ["DetailCLIPRecipe", "OGCLIPRecipe", "Recipe", "TrainBatch", "create_recipe", "list_recipes",
+           "register_recipe"]

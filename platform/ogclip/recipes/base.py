@@ -60,9 +60,9 @@ class Recipe(ABC):
         ``model`` may be the DDP wrapper (its ``module`` is the recipe's model); ``generator`` draws the step's
         random choices; the forward pass runs under ``autocast()`` (bf16 on GPU), the losses in fp32."""
 
-    def after_step(self, model: nn.Module, step: int) -> None:  # noqa: B027 (a hook, optional to override)
-        """Called after each optimiser step with the unwrapped model and the number of steps done (an EMA
-        teacher's update). Nothing by default."""
+    def after_step(self, model: nn.Module, step: int, total_steps: int) -> None:  # noqa: B027 (optional hook)
+        """Called after each optimiser step with the unwrapped model, the number of steps done and the run's total
+        (an EMA teacher's update follows a schedule over the run). Nothing by default."""
 
 
 _RECIPES: dict[str, type[Recipe]] = {}

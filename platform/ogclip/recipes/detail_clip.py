@@ -6,18 +6,22 @@ self-supervised terms: L_CLS (iBOT-style distillation of the CLS token across vi
 removed patches' tokens, the decoder's outputs against the teacher's) and L_Rec (MAE reconstruction of the removed
 patches' per-patch normalised pixels). α1 = α2 = α3 = 1 by default.
 
-This module holds the pieces that do not depend on the encoder: the teacher's momentum schedule and update, the
-token removal, the prototype head, centring, and the three losses.
+This module holds the recipe and its pieces: the teacher's momentum schedule and update, the token removal,
+centring and the three losses; the model's parts are :mod:`ogclip.models.detail`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ogclip.config import DetailCLIPRecipeConfig
+from ogclip.losses import contrastive_loss
+from ogclip.recipes.base import Autocast, Recipe, TrainBatch, register_recipe
 
 RemovalMode = Literal["attention", "random", "inverted"]
 
@@ -69,22 +73,6 @@ def keep_mask(attention: Tensor, grid: int, block: int = 2, removal: float = 0.5
     kept.scatter_(1, score.topk(keep, dim=1).indices, True)
     kept = kept.reshape(batch, side, side).repeat_interleave(block, dim=1).repeat_interleave(block, dim=2)
     return kept.flatten(1)
-
-
-class PrototypeHead(nn.Module):
-    """The DINO/iBOT head shared by CLS and patch tokens: MLP in → hidden → hidden → bottleneck (GELU, no norm),
-    L2-normalisation, then a linear map to ``prototypes`` with unit-norm rows and no bias (weight norm with g
-    fixed at 1)."""
-
-    def __init__(self, width: int, hidden: int = 2048, bottleneck: int = 256, prototypes: int = 8192) -> None:
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
-                                 nn.Linear(hidden, bottleneck))
-        self.prototypes = nn.Parameter(torch.empty(prototypes, bottleneck))
-        nn.init.trunc_normal_(self.prototypes, std=0.02)
-
-    def forward(self, tokens: Tensor) -> Tensor:
-        return F.linear(F.normalize(self.mlp(tokens), dim=-1), F.normalize(self.prototypes, dim=-1))
 
 
 @torch.no_grad()
@@ -143,34 +131,75 @@ def reconstruction_loss(predicted: Tensor, images: Tensor, patch: int, removed: 
     return (per_patch * weight).sum() / weight.sum().clamp(min=1.0)
 
 
-def vit_tokens(visual: nn.Module, x: Tensor, kept: Tensor | None = None, with_attention: bool = False
-               ) -> tuple[Tensor, Tensor, list[Tensor]]:
-    """Run an open_clip ``VisionTransformer`` on ``x`` (its conv1 input: for OG-CLIP the image with its mask
-    channel) keeping only the patches where ``kept`` (B, N) is True (the same count in every row; MAE-style: the
-    removed tokens never enter the encoder). Returns the projected pooled output (what ``visual(x)`` returns when
-    nothing is removed), the final tokens after ``ln_post`` (B, 1 + kept, width) and, with ``with_attention``, each
-    block's attention maps (B, heads, 1 + kept, 1 + kept)."""
-    tokens = visual._embeds(x)
-    if kept is not None:
-        count = int(kept[0].sum())
-        if not bool((kept.sum(dim=1) == count).all()):
-            raise ValueError("every image must keep the same number of patches")
-        index = kept.nonzero()[:, 1].reshape(kept.shape[0], count)
-        patches = tokens[:, 1:].gather(1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
-        tokens = torch.cat([tokens[:, :1], patches], dim=1)
-    if not visual.transformer.batch_first:
-        raise ValueError("vit_tokens expects a batch-first open_clip Transformer")
-    attentions: list[Tensor] = []
-    for block in visual.transformer.resblocks:
-        if with_attention:
-            normed = block.ln_1(tokens)
-            out, weights = block.attn(normed, normed, normed, need_weights=True, average_attn_weights=False)
-            attentions.append(weights)
-            tokens = tokens + block.ls_1(out)
-            tokens = tokens + block.ls_2(block.mlp(block.ln_2(tokens)))
-        else:
-            tokens = block(tokens)
-    pooled, _ = visual._pool(tokens)
-    if visual.proj is not None:
-        pooled = pooled @ visual.proj
-    return pooled, visual.ln_post(tokens), attentions
+def two_views(images: Tensor, masks: Tensor, scale: tuple[float, float], generator: torch.Generator
+              ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """Two independent random resized crops (area share in ``scale``, aspect 3/4–4/3) with horizontal flips of each
+    image, back at its size, the masks cut alike: the method's two views (its colour jitter, grayscale, blur and
+    solarisation are left out: colour is what the synthetic world's classes differ by)."""
+    batch, _, height, width = images.shape
+    views = []
+    for _ in range(2):
+        out_images, out_masks = [], []
+        for i in range(batch):
+            draw = torch.rand(4, generator=generator).tolist()
+            area = height * width * (scale[0] + (scale[1] - scale[0]) * draw[0])
+            aspect = math.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * draw[1])
+            h = min(height, max(1, round(math.sqrt(area / aspect))))
+            w = min(width, max(1, round(math.sqrt(area * aspect))))
+            top, left = int(draw[2] * (height - h + 1)), int(draw[3] * (width - w + 1))
+            crop = torch.cat([images[i], masks[i]])[:, top:top + h, left:left + w].unsqueeze(0)
+            crop = torch.cat([F.interpolate(crop[:, :-1], size=(height, width), mode="bilinear", align_corners=False),
+                              F.interpolate(crop[:, -1:], size=(height, width), mode="nearest")], dim=1)[0]
+            if float(torch.rand((), generator=generator)) < 0.5:
+                crop = crop.flip(-1)
+            out_images.append(crop[:-1])
+            out_masks.append(crop[-1:])
+        views.append((torch.stack(out_images), torch.stack(out_masks)))
+    return views[0], views[1]
+
+
+@register_recipe
+class DetailCLIPRecipe(Recipe):
+    """L_CLIP + α1 L_CLS + α2 L_Patch + α3 L_Rec (see the module's text); the image tower reads no mask."""
+
+    kind = "detail-clip"
+    cfg: DetailCLIPRecipeConfig
+
+    def model_overrides(self) -> dict[str, Any]:
+        return {"architecture": "detail-clip", "detail": self.cfg.head.model_dump(),
+                "preprocess_cfg": {"roi_zoom": 1.0}}
+
+    def loss(self, model: nn.Module, batch: TrainBatch, generator: torch.Generator,
+             autocast: Autocast) -> dict[str, Tensor]:
+        inner = getattr(model, "module", model)
+        cfg = self.cfg
+        (u, u_mask), (v, v_mask) = two_views(batch.images, batch.masks, cfg.crop_scale, generator)
+        with autocast():
+            out = model(u, batch.texts, None, batch.text_owner, second_view=v, removal=cfg.removal,
+                        removal_mode=cfg.removal_mode, block=cfg.block, generator=generator)
+        out = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in out.items()}
+        clip = 0.5 * sum(contrastive_loss(out[f"image_features_{s}"], out["text_features"], out["logit_scale"],
+                                          batch.labels, out.get("negative_text_features")) for s in "uv")
+        distil_cls = cls_loss(out["teacher_cls_u"], out["teacher_cls_v"], out["student_cls_u"], out["student_cls_v"],
+                              inner.center_cls, cfg.teacher_temp_cls, cfg.student_temp)
+        distil_patch = 0.5 * sum(patch_loss(out[f"teacher_patch_{s}"], out[f"student_patch_{s}"],
+                                            ~out[f"kept_{s}"], inner.center_patch, cfg.teacher_temp_patch,
+                                            cfg.student_temp) for s in "uv")
+        rec = 0.5 * sum(reconstruction_loss(out[f"pixels_{s}"], view, inner.patch, ~out[f"kept_{s}"])
+                        for s, view in (("u", u), ("v", v)))
+        update_center(inner.center_cls, torch.cat([out["teacher_cls_u"], out["teacher_cls_v"]]), cfg.center_momentum)
+        update_center(inner.center_patch, torch.cat([out["teacher_patch_u"], out["teacher_patch_v"]]),
+                      cfg.center_momentum)
+        on_target = F.avg_pool2d(torch.cat([u_mask, v_mask]), inner.patch).flatten(1) > 0.5
+        kept = torch.cat([out["kept_u"], out["kept_v"]])
+        total = clip + cfg.alpha_cls * distil_cls + cfg.alpha_patch * distil_patch + cfg.alpha_rec * rec
+        return {"loss": total, "loss_clip": clip.detach(), "loss_cls": distil_cls.detach(),
+                "loss_patch": distil_patch.detach(), "loss_rec": rec.detach(),
+                # the diagnostic of the issue: kept tokens on the target vs the target's share of all tokens
+                "kept_on_target": (kept & on_target).sum() / kept.sum().clamp(min=1),
+                "target_share": on_target.float().mean()}
+
+    def after_step(self, model: nn.Module, step: int, total_steps: int) -> None:
+        momentum = teacher_momentum(step, total_steps, self.cfg.teacher_momentum)
+        ema_update(model.teacher, model.visual, momentum)
+        ema_update(model.teacher_head, model.head, momentum)
