@@ -24,7 +24,8 @@ CONFIG_SCHEMAS = {"infra/configs/demo.yaml": DemoConfig, "infra/configs/demo-gpu
                   "infra/configs/eval-cpu.yaml": EvalConfig, "infra/serve/demo.yaml": ServeConfig,
                   "infra/configs/data-cluster.yaml": DataPipelineConfig,
                   "infra/configs/data-test-cluster.yaml": DataPipelineConfig,
-                  "infra/configs/train-8gpu.yaml": TrainJobConfig, "infra/configs/eval-cluster.yaml": EvalConfig}
+                  "infra/configs/train-8gpu.yaml": TrainJobConfig, "infra/configs/eval-cluster.yaml": EvalConfig,
+                  "infra/configs/detailclip-cpu.yaml": TrainJobConfig}
 
 
 def test_platform_is_the_standard_library_module() -> None:
