@@ -219,6 +219,8 @@ def test_ablation_variants_share_the_budget() -> None:
     zooms = {name: build_model_config_preprocess(c)["roi_zoom"] for name, c in configs.items()}
     assert zooms["CLIP"] == zooms["+KG-Aug"] == 1.0
     assert {zooms[name] for name in VARIANTS if configs[name].recipe.visual_prompt != "none"} == {2.0}
+    with pytest.raises(ValueError, match="must be og-clip"):
+        variant_config(TrainJobConfig.model_validate({"recipe": {"kind": "detail-clip"}}), "+ROI")
     stream = base.model_copy(update={"data": SynthStreamConfig(seed=10)})
     seeded = [variant_config(stream, "+ROI", seed) for seed in (0, 1, 2)]
     assert len({c.name for c in seeded}) == 3 and [c.seed for c in seeded] == [0, 1, 2]

@@ -425,6 +425,9 @@ def variant_config(train: TrainJobConfig, name: str, seed: int | None = None) ->
     ``seed`` (default: the budget's own) seeds the model, the sampling and a rendered stream's pictures."""
     prompts, visual, mrl = VARIANTS[name]
     seed = train.seed if seed is None else seed
+    if train.recipe.kind != "og-clip":
+        raise ValueError(f"the ablation's variants are OG-CLIP's building blocks: its train.recipe must be og-clip, "
+                         f"not {train.recipe.kind!r}")
     recipe = train.recipe.model_copy(update={"prompts": prompts, "visual_prompt": visual, "mrl": mrl})
     update: dict[str, Any] = {"name": f"{train.name}-{_slug(name)}" + (f"-s{seed}" if seed != train.seed else ""),
                               "recipe": recipe, "export": False, "seed": seed}
