@@ -139,7 +139,8 @@ class DetailCLIP(OGCLIP):
         views u and v; everything DetailCLIP's losses read, per view: the student's normalised image features (of
         the view with blocks removed), the text features (and hard negatives), the teacher's and the student's
         prototype logits for CLS and patch tokens (the student's patch tokens from the decoder), the pixel
-        predictions, and which patches the student kept. One call, so DDP sees the whole step."""
+        predictions, and which patches the student kept. One call, because DDP synchronises gradients through the
+        wrapped forward (only single-worker training has been run)."""
         from ogclip.recipes.detail_clip import cls_attention, keep_mask
 
         if second_view is None:
