@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from ogclip.models.detail import PrototypeHead, vit_tokens
+from ogclip.models.detail import PrototypeHead
+from ogclip.models.ogclip import vit_tokens
 from ogclip.recipes.detail_clip import (
     cls_attention,
     cls_loss,

@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 
 from ogclip.config import load_yaml_config
-from ogclip_jobs.config import AblationConfig, DataPipelineConfig, DemoConfig, EvalConfig, TrainJobConfig
+from ogclip_jobs.config import (
+    AblationConfig,
+    DataPipelineConfig,
+    DemoConfig,
+    DenseConfig,
+    EvalConfig,
+    TrainJobConfig,
+)
 from ogclip_serve.config import ServeConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +32,7 @@ CONFIG_SCHEMAS = {"infra/configs/demo.yaml": DemoConfig, "infra/configs/demo-gpu
                   "infra/configs/data-cluster.yaml": DataPipelineConfig,
                   "infra/configs/data-test-cluster.yaml": DataPipelineConfig,
                   "infra/configs/train-8gpu.yaml": TrainJobConfig, "infra/configs/eval-cluster.yaml": EvalConfig,
-                  "infra/configs/detailclip-cpu.yaml": TrainJobConfig}
+                  "infra/configs/detailclip-cpu.yaml": TrainJobConfig, "infra/configs/dense-cpu.yaml": DenseConfig}
 
 
 def test_platform_is_the_standard_library_module() -> None:

@@ -97,7 +97,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from ogclip_jobs.config import AblationConfig, EvalConfig, ProbeConfig
+    from ogclip_jobs.config import AblationConfig, DenseConfig, EvalConfig, ProbeConfig
 
     if args.eval_command and args.mask_modes:
         raise ValueError(f"--mask-modes is an option of `eval` itself, not of `eval {args.eval_command}`")
@@ -109,15 +109,20 @@ def _eval(args: argparse.Namespace) -> int:
 
         run_ablation(ablation)
         return 0
+    updates = {k: v for k, v in (("bundle", args.bundle), ("output_dir", args.output_dir)) if v}
     if args.eval_command == "probe":
         probe = load_yaml_config(args.config, ProbeConfig) if args.config else ProbeConfig()
-        updates = {k: v for k, v in (("bundle", args.bundle), ("output_dir", args.output_dir)) if v}
         from ogclip_jobs.probe import run_probe
 
         run_probe(probe.model_copy(update=updates))
         return 0
+    if args.eval_command == "dense":
+        dense = load_yaml_config(args.config, DenseConfig) if args.config else DenseConfig()
+        from ogclip_jobs.dense import run_dense
+
+        run_dense(dense.model_copy(update=updates))
+        return 0
     cfg = load_yaml_config(args.config, EvalConfig) if args.config else EvalConfig()
-    updates = {k: v for k, v in (("bundle", args.bundle), ("output_dir", args.output_dir)) if v}
     if args.mask_modes:
         updates["mask_modes"] = EvalConfig.model_validate({"mask_modes": args.mask_modes.split(",")}).mask_modes
     from ogclip_jobs.evaluate import run_evaluation
@@ -281,12 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train)
 
     evaluate = commands.add_parser("eval", help="zero-shot evaluation on the unseen classes; `eval ablation`, "
-                                   "`eval probe`")
-    evaluate.add_argument("eval_command", nargs="?", choices=["ablation", "probe"],
+                                   "`eval probe`, `eval dense`")
+    evaluate.add_argument("eval_command", nargs="?", choices=["ablation", "probe", "dense"],
                           help="'ablation': train and score the building blocks; 'probe': attribute linear probes of "
-                          "the bundle's image and text features")
+                          "the bundle's image and text features; 'dense': a linear per-patch probe (segmentation "
+                          "mIoU on multi-target scenes) beside the zero-shot mAcc")
     evaluate.add_argument("--config", type=Path, help="EvalConfig YAML (AblationConfig for `eval ablation`, "
-                          "ProbeConfig for `eval probe`)")
+                          "ProbeConfig for `eval probe`, DenseConfig for `eval dense`)")
     evaluate.add_argument("--bundle", type=Path, help="the bundle to evaluate (overrides the config)")
     evaluate.add_argument("--output-dir", type=Path, help="where the reports go (overrides the config)")
     evaluate.add_argument("--mask-modes", help="comma-separated ROI mask modes, e.g. exact,predicted,box "

@@ -338,6 +338,37 @@ class ProbeConfig(StrictModel):
     seed: int = 0
 
 
+class DenseConfig(StrictModel):
+    """``ogclip eval dense``: a linear per-patch probe of a bundle's frozen image tower on multi-target scenes
+    (segmentation mIoU, small targets apart), with the bundle's zero-shot mAcc beside it."""
+
+    bundle: Path = Path("outputs/train/og-clip/bundle")
+    output_dir: Path = Path("outputs/dense")
+    class_set: str = Field(default="test", description="the graph class set the scenes' targets come from")
+    classes: int | None = Field(default=24, ge=1, description="how many of its classes (synth.spread_classes with "
+                                "``seed``, covering the attribute values evenly); None: all")
+    targets_per_scene: tuple[int, int] = Field(default=(2, 4), description="fewest and most targets per scene")
+    fit_scenes: int = Field(default=1500, ge=1, description="scenes the probe is fitted on")
+    pixels_per_scene: int = Field(default=64, ge=1, description="random pixels of each fitting scene the probe "
+                                  "is fitted on (patch features interpolated there)")
+    eval_scenes: int = Field(default=500, ge=1, description="other scenes it is scored on")
+    small_area: float = Field(default=0.01, gt=0, lt=1, description="a target is small under this share of the "
+                              "image (the renderer's distant targets)")
+    regularisation: float = Field(default=1e-4, ge=0, description="L2 on the probe's weights (standardised inputs)")
+    zero_shot: EvalConfig | None = Field(
+        default=EvalConfig(mask_modes=["exact"]), description="the zero-shot mAcc reported beside the probe (the "
+        "bundle is set from ``bundle``); null to skip it")
+    batch_size: int = Field(default=256, ge=1)
+    seed: int = 0
+
+    @field_validator("targets_per_scene")
+    @classmethod
+    def _scene_range(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if not 1 <= value[0] <= value[1]:
+            raise ValueError(f"targets_per_scene must be (fewest, most) with 1 <= fewest <= most, got {value}")
+        return value
+
+
 class AblationConfig(StrictModel):
     """``ogclip eval ablation``: the building blocks and baselines, each trained with ``train``'s budget."""
 

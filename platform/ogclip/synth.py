@@ -4,7 +4,8 @@ A class is a set of visual attributes (silhouette, colour scheme, apparent size,
 the same ones the knowledge graph stores as facts. A render draws the target's silhouette at a random pose, scale
 and lighting on a cluttered background (sky, sea or land, plus distractor shapes that may occlude it), sometimes
 small and far away (under 5% of the image, as for ships in the paper), and returns the image, its exact mask
-(occluded parts excluded) and the class. The same (class, seed, size) always gives the same pixels.
+(occluded parts excluded) and the class. A scene draws several targets on one background with a label map of
+who is visible where (for dense evaluation). The same (classes, seed, size) always gives the same pixels.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -168,28 +169,19 @@ def _paint(target: TargetClass, rng: np.random.Generator, u: np.ndarray, v: np.n
     return np.zeros_like(u, dtype=bool)
 
 
-def render(target: TargetClass, seed: int, size: int = 64) -> Render:
-    """Draw one image of ``target``; deterministic in (target, seed, size)."""
-    rng = np.random.default_rng(seed)
-    background = target.backgrounds[int(rng.integers(len(target.backgrounds)))]
-    image = _background(rng, background, size)
-    draw = ImageDraw.Draw(image)
-    for _ in range(int(rng.integers(1, 4))):
-        box, shade = _blob(rng, size)
-        draw.ellipse(box, fill=shade)
-
-    distant = rng.random() < DISTANT_PROBABILITY
-    scale = SIZES[target.size] * size * rng.uniform(0.85, 1.15) / 2 * (0.4 if distant else 1.0)
-    angle = rng.uniform(0, 2 * math.pi)
-    cx, cy = rng.uniform(size * 0.3, size * 0.7, 2)
+def _draw_target(image: Image.Image, target: TargetClass, rng: np.random.Generator, centre: tuple[float, float],
+                 scale: float, angle: float) -> tuple[Image.Image, np.ndarray]:
+    """``image`` with ``target`` painted at ``centre`` (pixels), ``scale`` (half its length, pixels) and ``angle``
+    (radians), and the boolean mask of the pixels it covers: body colour with the pattern in the accent colour,
+    both under one lighting factor."""
+    size = image.size[0]
+    cx, cy = centre
     cos, sin = math.cos(angle), math.sin(angle)
     polygon = [(cx + scale * (x * cos - y * sin), cy + scale * (x * sin + y * cos))
                for x, y in SILHOUETTES[target.silhouette]]
     silhouette = Image.new("L", (size, size), 0)
     ImageDraw.Draw(silhouette).polygon(polygon, fill=255)
     inside = np.asarray(silhouette) > 0
-
-    # Target pixels: body colour with the pattern in the accent colour, both under one lighting factor.
     ys, xs = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
     u = ((xs - cx) * cos + (ys - cy) * sin) / scale
     v = (-(xs - cx) * sin + (ys - cy) * cos) / scale
@@ -199,8 +191,34 @@ def render(target: TargetClass, seed: int, size: int = 64) -> Render:
     trim = np.array(COLOURS[target.accent], dtype=np.float32) * shade
     pixels = np.asarray(image).astype(np.float32)
     pixels[inside] = np.where(accent[inside][:, None], trim, body)
-    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)), inside
 
+
+def _cluttered_background(rng: np.random.Generator, kind: str, size: int) -> Image.Image:
+    """A background of ``kind`` with one to three distractor blobs."""
+    image = _background(rng, kind, size)
+    draw = ImageDraw.Draw(image)
+    for _ in range(int(rng.integers(1, 4))):
+        box, shade = _blob(rng, size)
+        draw.ellipse(box, fill=shade)
+    return image
+
+
+def _half_length(target: TargetClass, rng: np.random.Generator, size: int) -> float:
+    """A target's drawn half-length in pixels: its size class, ±15%, and sometimes far away (×0.4)."""
+    distant = rng.random() < DISTANT_PROBABILITY
+    return SIZES[target.size] * size * rng.uniform(0.85, 1.15) / 2 * (0.4 if distant else 1.0)
+
+
+def render(target: TargetClass, seed: int, size: int = 64) -> Render:
+    """Draw one image of ``target``; deterministic in (target, seed, size)."""
+    rng = np.random.default_rng(seed)
+    background = target.backgrounds[int(rng.integers(len(target.backgrounds)))]
+    image = _cluttered_background(rng, background, size)
+    scale = _half_length(target, rng, size)
+    angle = rng.uniform(0, 2 * math.pi)
+    cx, cy = rng.uniform(size * 0.3, size * 0.7, 2)
+    image, inside = _draw_target(image, target, rng, (cx, cy), scale, angle)
     mask, occluded = inside, False
     if rng.random() < OCCLUSION_PROBABILITY:
         # A distractor over part of the target; the mask keeps only what stays visible. An occluder that would
@@ -219,3 +237,45 @@ def render(target: TargetClass, seed: int, size: int = 64) -> Render:
     mask_u8 = (mask * 255).astype(np.uint8)
     return Render(image=image, mask=mask_u8, target=target, background=background,
                   area=float(mask.mean()), occluded=occluded)
+
+
+@dataclass(frozen=True)
+class Scene:
+    """Several targets in one image. ``labels`` (H, W) int16 holds 0 for background and ``i + 1`` where target
+    ``i`` is visible (later targets are drawn over earlier ones); ``areas[i]`` is target i's visible share of the
+    image."""
+
+    image: Image.Image
+    labels: np.ndarray
+    targets: tuple[TargetClass, ...]
+    background: str
+    areas: tuple[float, ...]
+
+
+
+def render_scene(targets: Sequence[TargetClass], seed: int, size: int = 64) -> Scene:
+    """Draw ``targets`` together on one background (one of the first target's); deterministic in (targets, seed,
+    size). Each target gets a random pose and a scale like a single render's (sometimes far away) times
+    ``SCENE_SCALE``; centres are drawn until the target's circle keeps clear of the ones placed before it (at most
+    20 tries, then it may overlap and hide part of them, as in a crowded scene)."""
+    if not targets:
+        raise ValueError("a scene needs at least one target")
+    rng = np.random.default_rng(seed)
+    first = targets[0]
+    background = first.backgrounds[int(rng.integers(len(first.backgrounds)))]
+    image = _cluttered_background(rng, background, size)
+    labels = np.zeros((size, size), dtype=np.int16)
+    placed: list[tuple[float, float, float]] = []
+    for index, target in enumerate(targets, start=1):
+        scale = _half_length(target, rng, size)
+        angle = rng.uniform(0, 2 * math.pi)
+        for _ in range(20):
+            cx, cy = rng.uniform(scale, size - scale, 2) if scale < size / 2 else (size / 2, size / 2)
+            if all(math.hypot(cx - x, cy - y) >= scale + r for x, y, r in placed):
+                break
+        placed.append((cx, cy, scale))
+        image, inside = _draw_target(image, target, rng, (cx, cy), scale, angle)
+        labels[inside] = index
+    image = ImageEnhance.Brightness(image).enhance(rng.uniform(0.75, 1.25))
+    areas = tuple(float((labels == i).mean()) for i in range(1, len(targets) + 1))
+    return Scene(image=image, labels=labels, targets=tuple(targets), background=background, areas=areas)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ogclip.config import ModelConfig
-from ogclip.models.ogclip import OGCLIP
+from ogclip.models.ogclip import OGCLIP, vit_tokens
 from ogclip.models.registry import register_architecture
 
 
@@ -30,39 +30,6 @@ class PrototypeHead(nn.Module):
 
     def forward(self, tokens: Tensor) -> Tensor:
         return F.linear(F.normalize(self.mlp(tokens), dim=-1), F.normalize(self.prototypes, dim=-1))
-
-
-def vit_tokens(visual: nn.Module, x: Tensor, kept: Tensor | None = None, with_attention: bool = False
-               ) -> tuple[Tensor, Tensor, list[Tensor]]:
-    """Run an open_clip ``VisionTransformer`` on ``x`` (its conv1 input: for OG-CLIP the image with its mask
-    channel) keeping only the patches where ``kept`` (B, N) is True (the same count in every row; MAE-style: the
-    removed tokens never enter the encoder). Returns the projected pooled output (what ``visual(x)`` returns when
-    nothing is removed), the final tokens after ``ln_post`` (B, 1 + kept, width) and, with ``with_attention``, each
-    block's attention maps (B, heads, 1 + kept, 1 + kept)."""
-    tokens = visual._embeds(x)
-    if kept is not None:
-        count = int(kept[0].sum())
-        if not bool((kept.sum(dim=1) == count).all()):
-            raise ValueError("every image must keep the same number of patches")
-        index = kept.nonzero()[:, 1].reshape(kept.shape[0], count)
-        patches = tokens[:, 1:].gather(1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
-        tokens = torch.cat([tokens[:, :1], patches], dim=1)
-    if not visual.transformer.batch_first:
-        raise ValueError("vit_tokens expects a batch-first open_clip Transformer")
-    attentions: list[Tensor] = []
-    for block in visual.transformer.resblocks:
-        if with_attention:
-            normed = block.ln_1(tokens)
-            out, weights = block.attn(normed, normed, normed, need_weights=True, average_attn_weights=False)
-            attentions.append(weights)
-            tokens = tokens + block.ls_1(out)
-            tokens = tokens + block.ls_2(block.mlp(block.ln_2(tokens)))
-        else:
-            tokens = block(tokens)
-    pooled, _ = visual._pool(tokens)
-    if visual.proj is not None:
-        pooled = pooled @ visual.proj
-    return pooled, visual.ln_post(tokens), attentions
 
 
 def sincos_2d(width: int, grid: int) -> Tensor:

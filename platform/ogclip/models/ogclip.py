@@ -104,6 +104,39 @@ def ensemble(features: Tensor, owner: Tensor, count: int) -> Tensor:
 TEXT_CACHE_SIZE = 200_000  # frozen-text outputs kept per model (~0.3 GB at width 384 in fp32)
 
 
+def vit_tokens(visual: nn.Module, x: Tensor, kept: Tensor | None = None, with_attention: bool = False
+               ) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """Run an open_clip ``VisionTransformer`` on ``x`` (its conv1 input: for OG-CLIP the image with its mask
+    channel) keeping only the patches where ``kept`` (B, N) is True (the same count in every row; MAE-style: the
+    removed tokens never enter the encoder). Returns the projected pooled output (what ``visual(x)`` returns when
+    nothing is removed), the final tokens after ``ln_post`` (B, 1 + kept, width) and, with ``with_attention``, each
+    block's attention maps (B, heads, 1 + kept, 1 + kept)."""
+    tokens = visual._embeds(x)
+    if kept is not None:
+        count = int(kept[0].sum())
+        if not bool((kept.sum(dim=1) == count).all()):
+            raise ValueError("every image must keep the same number of patches")
+        index = kept.nonzero()[:, 1].reshape(kept.shape[0], count)
+        patches = tokens[:, 1:].gather(1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+        tokens = torch.cat([tokens[:, :1], patches], dim=1)
+    if not visual.transformer.batch_first:
+        raise ValueError("vit_tokens expects a batch-first open_clip Transformer")
+    attentions: list[Tensor] = []
+    for block in visual.transformer.resblocks:
+        if with_attention:
+            normed = block.ln_1(tokens)
+            out, weights = block.attn(normed, normed, normed, need_weights=True, average_attn_weights=False)
+            attentions.append(weights)
+            tokens = tokens + block.ls_1(out)
+            tokens = tokens + block.ls_2(block.mlp(block.ln_2(tokens)))
+        else:
+            tokens = block(tokens)
+    pooled, _ = visual._pool(tokens)
+    if visual.proj is not None:
+        pooled = pooled @ visual.proj
+    return pooled, visual.ln_post(tokens), attentions
+
+
 class OGCLIP(nn.Module):
     """Object-Guide CLIP.
 
@@ -201,6 +234,14 @@ class OGCLIP(nn.Module):
     def image_features(self, image: Tensor, mask: Tensor | None = None) -> Tensor:
         """Unnormalised D-dimensional image features."""
         return self.visual(self._with_mask(image, mask))
+
+    def patch_features(self, image: Tensor, mask: Tensor | None = None) -> Tensor:
+        """The image tower's final patch tokens (after ``ln_post``), (B, grid, grid, width): the dense features a
+        per-patch probe reads. Without a mask, the whole image is the region (the all-ones ROI channel)."""
+        _, tokens, _ = vit_tokens(self.visual, self._with_mask(image, mask))
+        patches = tokens[:, 1:]
+        grid = int(round(patches.shape[1] ** 0.5))
+        return patches.reshape(patches.shape[0], grid, grid, patches.shape[-1])
 
     def text_features(self, text: TextInput) -> Tensor:
         """Unnormalised D-dimensional text features; ``text`` is a string, strings, or token ids.
