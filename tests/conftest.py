@@ -1,13 +1,19 @@
-"""Shared fixtures and marker handling: ``gpu`` tests skip without CUDA, ``neo4j`` tests without a server URI."""
+"""Shared fixtures and helpers, and marker handling: ``gpu`` tests skip without CUDA, ``neo4j`` tests without a
+server URI."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 import ogclip
+from ogclip.synth import TargetClass, render
+from ogclip_jobs.data.images import png_bytes
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -99,3 +105,23 @@ def job_settings(kg_settings, monkeypatch: pytest.MonkeyPatch):
     get_settings.cache_clear()
     yield kg_settings
     get_settings.cache_clear()
+
+
+def write_shards(graph, folder: Path, classes: int = 6, per_class: int = 8) -> list[str]:
+    """Rendered training rows of the first ``classes`` train classes as a Parquet shard, like the pipeline's."""
+    from ogclip_kg import cypher
+    from ogclip_kg.prompts import fetch_class_facts
+
+    keys = sorted(r["key"] for r in graph.read(cypher.CLASS_SET_KEYS, key="train"))[:classes]
+    rows = {"image": [], "mask": [], "label": [], "caption": []}
+    for fact_row in fetch_class_facts(graph, keys):
+        target = TargetClass.from_facts(fact_row)
+        for i in range(per_class):
+            sample = render(target, seed=i, size=64)
+            rows["image"].append(png_bytes(sample.image))
+            rows["mask"].append(png_bytes(sample.mask))
+            rows["label"].append(fact_row["key"])
+            rows["caption"].append(f"A photo of {fact_row['name']}.")
+    folder.mkdir(parents=True)
+    pq.write_table(pa.table(rows), folder / "part-0.parquet")
+    return keys

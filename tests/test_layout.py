@@ -32,7 +32,8 @@ CONFIG_SCHEMAS = {"infra/configs/demo.yaml": DemoConfig, "infra/configs/demo-gpu
                   "infra/configs/data-cluster.yaml": DataPipelineConfig,
                   "infra/configs/data-test-cluster.yaml": DataPipelineConfig,
                   "infra/configs/train-8gpu.yaml": TrainJobConfig, "infra/configs/eval-cluster.yaml": EvalConfig,
-                  "infra/configs/detailclip-cpu.yaml": TrainJobConfig, "infra/configs/dense-cpu.yaml": DenseConfig}
+                  "infra/configs/detailclip-cpu.yaml": TrainJobConfig, "infra/configs/dense-cpu.yaml": DenseConfig,
+                  "infra/configs/ablation-detailclip-cpu.yaml": AblationConfig}
 
 
 def test_platform_is_the_standard_library_module() -> None:
@@ -77,3 +78,14 @@ def test_yaml_config_rejects_unknown_keys(tmp_path: Path) -> None:
     bad.write_text("train:\n  train:\n    lr: 1.0e-4\n    stpes: 10\n")
     with pytest.raises(ValueError, match="stpes"):
         load_yaml_config(bad, DemoConfig)
+
+
+def test_every_package_is_listed_for_the_wheel() -> None:
+    """The images install the wheel, which holds only the packages pyproject lists: a subpackage left out imports
+    in a checkout (editable install) and fails in the image."""
+    import tomllib
+
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = {top + "".join(f".{part}" for part in init.parent.relative_to(ROOT / folder).parts)
+             for top, folder in setuptools["package-dir"].items() for init in (ROOT / folder).rglob("__init__.py")}
+    assert found == set(setuptools["packages"])

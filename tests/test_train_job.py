@@ -14,19 +14,17 @@ import threading
 import time
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
+from conftest import write_shards
 
 from ogclip.config import PreprocessConfig
-from ogclip.synth import TargetClass, render
+from ogclip.synth import render
 from ogclip.transforms import apply_visual_prompt
-from ogclip_jobs.config import EvalConfig, SynthStreamConfig, TrainConfig, TrainJobConfig
-from ogclip_jobs.data.images import png_bytes
-from ogclip_jobs.evaluate import VARIANTS, AblationRun, variant_config, zero_shot_scores
-from ogclip_jobs.train import build_model_config_preprocess, sample_texts
+from ogclip_jobs.config import EvalConfig, TrainConfig, TrainJobConfig
+from ogclip_jobs.evaluate import zero_shot_scores
+from ogclip_jobs.train import sample_texts
 from ogclip_kg.prompts import prompts_for
 
 
@@ -36,26 +34,6 @@ def local_ray():
     ray.data.DataContext.get_current().use_datasource_v2 = False
     yield
     ray.shutdown()
-
-
-def write_shards(graph, folder: Path, classes: int = 6, per_class: int = 8) -> list[str]:
-    """Rendered training rows of the first ``classes`` train classes as a Parquet shard, like the pipeline's."""
-    from ogclip_kg import cypher
-    from ogclip_kg.prompts import fetch_class_facts
-
-    keys = sorted(r["key"] for r in graph.read(cypher.CLASS_SET_KEYS, key="train"))[:classes]
-    rows = {"image": [], "mask": [], "label": [], "caption": []}
-    for fact_row in fetch_class_facts(graph, keys):
-        target = TargetClass.from_facts(fact_row)
-        for i in range(per_class):
-            sample = render(target, seed=i, size=64)
-            rows["image"].append(png_bytes(sample.image))
-            rows["mask"].append(png_bytes(sample.mask))
-            rows["label"].append(fact_row["key"])
-            rows["caption"].append(f"A photo of {fact_row['name']}.")
-    folder.mkdir(parents=True)
-    pq.write_table(pa.table(rows), folder / "part-0.parquet")
-    return keys
 
 
 def _parent(pid: int) -> int:
@@ -206,51 +184,6 @@ def test_prompts_by_mode_and_training_texts() -> None:
     assert "its caption" not in texts and len(texts) == 50 * len(kg)
     texts, _ = sample_texts(["f-16"] * 50, ["its caption"] * 50, {"f-16": label}, "label", random.Random(0))
     assert set(texts) == set(label)
-
-
-def test_ablation_variants_share_the_budget() -> None:
-    base = TrainJobConfig(name="demo", model="og-clip-tiny", train=TrainConfig(steps=77, batch_size=5))
-    configs = {name: variant_config(base, name) for name in VARIANTS}
-    assert len({c.name for c in configs.values()}) == len(VARIANTS)
-    assert all(c.train == base.train and c.model == base.model and not c.export for c in configs.values())
-    assert configs["CLIP"].recipe.prompts == "label" and configs["CLIP"].recipe.visual_prompt == "none"
-    assert configs["+Adaptive MRL (OG-CLIP)"].recipe.mrl == "adaptive" and configs["plain MRL"].recipe.mrl == "uniform"
-    # The variants that read no mask do not zoom onto the object either; the others keep the architecture's zoom.
-    zooms = {name: build_model_config_preprocess(c)["roi_zoom"] for name, c in configs.items()}
-    assert zooms["CLIP"] == zooms["+KG-Aug"] == 1.0
-    assert {zooms[name] for name in VARIANTS if configs[name].recipe.visual_prompt != "none"} == {2.0}
-    with pytest.raises(ValueError, match="must be og-clip"):
-        variant_config(TrainJobConfig.model_validate({"recipe": {"kind": "detail-clip"}}), "+ROI")
-    stream = base.model_copy(update={"data": SynthStreamConfig(seed=10)})
-    seeded = [variant_config(stream, "+ROI", seed) for seed in (0, 1, 2)]
-    assert len({c.name for c in seeded}) == 3 and [c.seed for c in seeded] == [0, 1, 2]
-    assert [c.data.seed for c in seeded] == [10, 11, 12], "each seed renders its own pictures"
-    assert all(c.train == base.train for c in seeded)
-
-
-def test_an_ablation_run_is_reused_only_for_the_same_budget_and_data(tmp_path: Path) -> None:
-    data = tmp_path / "shards"
-    data.mkdir()
-    (data / "part-0.parquet").write_bytes(b"rows")
-    base = TrainJobConfig(name="demo", model="og-clip-tiny", train=TrainConfig(steps=77, batch_size=5))
-    eval_cfg = EvalConfig(data=data)
-    scores = {"macc": 0.5, "macc_by_dim": {16: 0.25, 128: 0.5}, "per_class": [0.5, float("nan")],
-              "mask_modes": {"exact": {"macc": 0.5, "macc_by_dim": {16: 0.25, 128: 0.5}}}}
-    record = AblationRun(tmp_path / "runs" / "roi-s0.json", variant_config(base, "+ROI", 0), eval_cfg)
-    assert record.load() is None, "nothing stored yet"
-    record.save(scores)
-    loaded = record.load()
-    assert loaded["macc_by_dim"] == {16: 0.25, 128: 0.5} and loaded["mask_modes"]["exact"]["macc_by_dim"][16] == 0.25
-    assert loaded["per_class"][0] == 0.5 and math.isnan(loaded["per_class"][1])
-    other_seed = AblationRun(record.path, variant_config(base, "+ROI", 1), eval_cfg)
-    other_budget = AblationRun(record.path, variant_config(base.model_copy(
-        update={"train": TrainConfig(steps=78, batch_size=5)}), "+ROI", 0), eval_cfg)
-    other_eval = AblationRun(record.path, record.train, eval_cfg.model_copy(update={"batch_size": 7}))
-    assert other_seed.load() is None and other_budget.load() is None and other_eval.load() is None
-    (data / "part-0.parquet").write_bytes(b"other rows")  # the test shards were rebuilt
-    assert record.load() is None
-    record.path.write_text("{not json")
-    assert record.load() is None, "an unreadable record is retrained, not an error"
 
 
 def test_eval_refuses_an_unknown_class_set(graph, tmp_path: Path) -> None:

@@ -105,7 +105,7 @@ def _eval(args: argparse.Namespace) -> int:
         if not args.config:
             raise ValueError("`eval ablation` needs --config, e.g. infra/configs/ablation-cpu.yaml")
         ablation = load_yaml_config(args.config, AblationConfig)
-        from ogclip_jobs.evaluate import run_ablation
+        from ogclip_jobs.ablation import run_ablation
 
         run_ablation(ablation)
         return 0

@@ -370,13 +370,16 @@ class DenseConfig(StrictModel):
 
 
 class AblationConfig(StrictModel):
-    """``ogclip eval ablation``: the building blocks and baselines, each trained with ``train``'s budget."""
+    """``ogclip eval ablation``: the arms of ``train``'s recipe (OG-CLIP's building blocks and baselines,
+    DetailCLIP's losses and removal modes), each trained with ``train``'s budget."""
 
     train: TrainJobConfig
     eval: EvalConfig = EvalConfig()
-    variants: list[str] | None = Field(default=None, description="subset of the variants (default: all)")
+    variants: list[str] | None = Field(default=None, description="subset of the arms (default: all)")
     seeds: list[int] = Field(default=[0], min_length=1, description="every variant is trained once per seed; the "
                              "table gives mean ± std (3 seeds or more before calling one variant better)")
+    dense: DenseConfig | None = Field(default=None, description="also score every model with the dense probe "
+                                      "(`ogclip eval dense`; its zero_shot section is not read: `eval` is)")
     output_dir: Path = Path("outputs/ablation")
 
 

@@ -13,9 +13,10 @@ from typing import Any
 import torch
 
 from ogclip.models import create_model
+from ogclip_jobs.ablation import VARIANTS, run_ablation
 from ogclip_jobs.config import AblationConfig, DemoConfig
 from ogclip_jobs.data.pipeline import run_pipeline
-from ogclip_jobs.evaluate import VARIANTS, run_ablation, run_evaluation
+from ogclip_jobs.evaluate import run_evaluation
 from ogclip_jobs.probe import run_probe
 from ogclip_jobs.runtime import ensure_ray, open_graph, ray_log_folder, verbose
 from ogclip_jobs.train import run_training

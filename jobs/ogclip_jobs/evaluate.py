@@ -1,4 +1,4 @@
-"""Zero-shot evaluation on the unseen test classes, and the building-block ablation (paper Tables 1–4).
+"""Zero-shot evaluation on the unseen test classes (paper Tables 1, 2 and 4; the ablation is :mod:`.ablation`).
 
 Only test-set classes are candidates and only their images are scored, so every figure is true zero-shot: the
 model never saw these classes, only their graph descriptions. Reports: per-class top-1, mAcc, mAcc per
@@ -31,42 +31,23 @@ import torch
 from PIL import Image
 
 from ogclip.bundle import load_bundle
-from ogclip.config import PreprocessConfig, PromptMode, VisualPromptName
+from ogclip.config import PreprocessConfig, VisualPromptName
 from ogclip.decode import decode_image
 from ogclip.metrics import image_flops, per_class_accuracy, zero_shot_predict
 from ogclip.models import OGCLIP, truncate
 from ogclip.segment import CpuSegmenter, Sam2Segmenter, box_mask, mask_box
 from ogclip.synth import TargetClass
 from ogclip.transforms import apply_visual_prompt, image_mask_transform
-from ogclip_jobs.config import (
-    AblationConfig,
-    EvalConfig,
-    EvalSegmenterConfig,
-    MaskMode,
-    SynthStreamConfig,
-    TrainJobConfig,
-)
+from ogclip_jobs.config import EvalConfig, EvalSegmenterConfig, MaskMode
 from ogclip_jobs.data.images import decode_mask, mask_iou
 from ogclip_jobs.data.stages import present
-from ogclip_jobs.train import data_labels, run_training
+from ogclip_jobs.train import data_labels
 
 _log = logging.getLogger(__name__)
 
-# The ablation: (prompts, visual prompt, MRL) per variant, in the paper's Table 3 order, then the baselines.
-VARIANTS: dict[str, tuple[PromptMode, VisualPromptName, str]] = {
-    "CLIP": ("label", "none", "none"),
-    "+KG-Aug": ("kg", "none", "none"),
-    "+ROI": ("kg", "roi", "none"),
-    "+Adaptive MRL (OG-CLIP)": ("kg", "roi", "adaptive"),
-    "plain MRL": ("kg", "roi", "uniform"),
-    "Red-Circle": ("kg", "red_circle", "none"),
-    "Mask-adapted CLIP": ("kg", "background_mask", "none"),
-}
-# Which ablation runs give the accuracy-vs-dimension curves.
-DIM_CURVES = {"Adaptive MRL": "+Adaptive MRL (OG-CLIP)", "plain MRL": "plain MRL", "naive truncation": "+ROI"}
 
-
-def _slug(name: str) -> str:
+def slug(name: str) -> str:
+    """A name as a file-name part: 'CLIP + ROI' → 'clip-roi'."""
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
 
 
@@ -313,13 +294,13 @@ def _pct(value: float | None) -> float | str:
     return "–" if value is None or np.isnan(value) else 100 * value
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> str:
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(f"{c:.1f}" if isinstance(c, float) else str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
-def _plot(curves: dict[str, dict[int, float]], path: Path, title: str) -> None:
+def plot_curves(curves: dict[str, dict[int, float]], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -356,20 +337,20 @@ def report_markdown(name: str, scores: dict[str, Any], rows: list[dict[str, Any]
              f"look: none has ({new_n} classes), true compositional zero-shot.", ""]
     if scores.get("segmenter_note"):
         parts += [f"Note: {scores['segmenter_note']}.", ""]
-    parts += [_table(["mask mode", "mAcc %", "seen-look mAcc %", "new-look mAcc %", "mask IoU vs exact"],
+    parts += [markdown_table(["mask mode", "mAcc %", "seen-look mAcc %", "new-look mAcc %", "mask IoU vs exact"],
                      [[label, 100 * m["macc"], _pct(lk.get("seen_look")), _pct(lk.get("new_look")),
                        "–" if m["mask_iou"] is None else f"{m['mask_iou']:.3f}"]
                       for label, m, lk in zip(labels, modes.values(), looks, strict=True)]), "",
-              _table(["super-category", *(f"{label} mAcc %" for label in labels)],
+              markdown_table(["super-category", *(f"{label} mAcc %" for label in labels)],
                      [[c, *(_pct(m["per_super_category"].get(c)) for m in modes.values())] for c in categories]
                      + [["all (mAcc)", *(100 * m["macc"] for m in modes.values())]]), "",
               f"By embedding size ({labels[0]} masks):", "",
-              _table(["dim", *map(str, scores["macc_by_dim"])], [["mAcc %", *(100 * v for v in
+              markdown_table(["dim", *map(str, scores["macc_by_dim"])], [["mAcc %", *(100 * v for v in
                                                                              scores["macc_by_dim"].values())]]), "",
-              _table(["params (M)", "trainable (M)", "GFLOPs/image (2 × MACs, forward)", "images/s"],
+              markdown_table(["params (M)", "trainable (M)", "GFLOPs/image (2 × MACs, forward)", "images/s"],
                      [[costs["params_M"], costs["trainable_M"], f"{costs['gflops_per_image']:.3f}",
                        costs["images_per_s"]]]), "",
-              _table(["class", "super-category", "look", *(f"{label} top-1 %" for label in labels)],
+              markdown_table(["class", "super-category", "look", *(f"{label} top-1 %" for label in labels)],
                      [[r["name"], r["super_category"],
                        "–" if scores["seen_look"] is None else ("seen" if scores["seen_look"][i] else "new"),
                        *(_pct(m["per_class"][i]) for m in modes.values())] for i, r in enumerate(rows)])]
@@ -412,155 +393,8 @@ def run_evaluation(cfg: EvalConfig, log: Callable[[str], None] = _log.info) -> d
               "config": cfg.model_dump(mode="json")}
     (cfg.output_dir / "report.json").write_text(json.dumps(report, indent=2))
     (cfg.output_dir / "report.md").write_text(report_markdown(info.model_version, scores, rows, costs))
-    _plot({mode_label(mode, scores["segmenter"]): m["macc_by_dim"] for mode, m in scores["mask_modes"].items()},
+    plot_curves({mode_label(mode, scores["segmenter"]): m["macc_by_dim"] for mode, m in scores["mask_modes"].items()},
           cfg.output_dir / "macc_by_dim.png", "accuracy vs embedding dimension")
     log(summary_line(scores, len(rows)))
     log(f"report in {cfg.output_dir / 'report.md'}")
     return report
-
-
-def variant_config(train: TrainJobConfig, name: str, seed: int | None = None) -> TrainJobConfig:
-    """The training config of one ablation variant: the shared budget, the variant's components, no export.
-
-    ``seed`` (default: the budget's own) seeds the model, the sampling and a rendered stream's pictures."""
-    prompts, visual, mrl = VARIANTS[name]
-    seed = train.seed if seed is None else seed
-    if train.recipe.kind != "og-clip":
-        raise ValueError(f"the ablation's variants are OG-CLIP's building blocks: its train.recipe must be og-clip, "
-                         f"not {train.recipe.kind!r}")
-    recipe = train.recipe.model_copy(update={"prompts": prompts, "visual_prompt": visual, "mrl": mrl})
-    update: dict[str, Any] = {"name": f"{train.name}-{_slug(name)}" + (f"-s{seed}" if seed != train.seed else ""),
-                              "recipe": recipe, "export": False, "seed": seed}
-    if isinstance(train.data, SynthStreamConfig) and seed != train.seed:
-        update["data"] = train.data.model_copy(update={"seed": train.data.seed + seed - train.seed})
-    return train.model_copy(update=update)
-
-
-def _spread(values: list[float]) -> str:
-    """'mean ± std' in percent over seeds (population std; the mean alone for one seed)."""
-    values = [v for v in values if v is not None and not np.isnan(v)]
-    if not values:
-        return "–"
-    mean = 100 * float(np.mean(values))
-    return f"{mean:.1f}" if len(values) == 1 else f"{mean:.1f} ± {100 * float(np.std(values)):.1f}"
-
-
-@dataclass(frozen=True)
-class AblationRun:
-    """Where one (variant, seed) of an ablation keeps its scores, so a stopped ablation resumes where it stopped.
-
-    A record is reused only for the same training config, evaluation config and test shards (their names, sizes and
-    modification times); any change trains that variant again.
-    """
-
-    path: Path
-    train: TrainJobConfig
-    eval: EvalConfig
-
-    def key(self) -> dict[str, Any]:
-        shards = sorted(p for p in Path(self.eval.data).rglob("*") if p.is_file())
-        return {"train": self.train.model_dump(mode="json"), "eval": self.eval.model_dump(mode="json"),
-                "data": [[str(p.relative_to(self.eval.data)), p.stat().st_size, p.stat().st_mtime_ns]
-                         for p in shards]}
-
-    def load(self) -> dict[str, Any] | None:
-        """The stored scores, or None when there are none for this key (or the file is unreadable)."""
-        try:
-            stored = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return None
-        if not isinstance(stored, dict) or stored.get("key") != self.key():
-            return None
-        scores = stored["scores"]
-        for block in (scores, *scores["mask_modes"].values()):  # JSON made the dimensions strings
-            block["macc_by_dim"] = {int(d): v for d, v in block["macc_by_dim"].items()}
-        return scores
-
-    def save(self, scores: dict[str, Any]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"key": self.key(), "scores": scores}))
-        tmp.replace(self.path)
-
-
-def run_ablation(cfg: AblationConfig, log: Callable[[str], None] = _log.info,
-                 trained: dict[str, OGCLIP] | None = None) -> dict[str, Any]:
-    """Train every variant with the same budget, once per seed, and score each zero-shot on the unseen classes.
-
-    ``trained`` holds variants already trained by the caller with this budget and its own seed (the demo's main
-    run is OG-CLIP). Each (variant, seed) is recorded under ``output_dir/runs`` as soon as it is scored
-    (:class:`AblationRun`): run the same command again and only what is missing trains. Every figure of the table is
-    the mean ± std over ``cfg.seeds``.
-    """
-    from ogclip_jobs.runtime import open_graph
-
-    names = cfg.variants or list(VARIANTS)
-    unknown = sorted(set(names) - set(VARIANTS))
-    if unknown:
-        raise ValueError(f"unknown ablation variants {unknown}; known: {list(VARIANTS)}")
-    with open_graph() as store:
-        rows = eval_classes(store, cfg.eval)
-        seen = seen_looks(rows, class_set_rows(store, cfg.eval.look_class_set))
-    results: dict[str, dict[str, Any]] = {}
-    for i, name in enumerate(names, 1):
-        prompts, visual, mrl = VARIANTS[name]
-        runs: dict[int, dict[str, Any]] = {}
-        for seed in cfg.seeds:
-            train_cfg = variant_config(cfg.train, name, seed)
-            eval_cfg = cfg.eval.model_copy(update={"prompts": prompts, "visual_prompt": visual})
-            model = (trained or {}).get(name) if seed == cfg.train.seed else None
-            record = AblationRun(cfg.output_dir / "runs" / f"{_slug(name)}-s{seed}.json", train_cfg, eval_cfg)
-            scored = record.load() if model is None else None
-            if scored is not None:
-                log(f"[ablation {i}/{len(names)}] {name}, seed {seed}: scored by an earlier run with this budget "
-                    f"and data ({record.path}), not retrained")
-                runs[seed] = scored
-                continue
-            if model is None:
-                log(f"[ablation {i}/{len(names)}] training {name}, seed {seed}")
-                model, _ = run_training(train_cfg, log)
-            runs[seed] = evaluate_model(model, rows, eval_cfg, seen)
-            record.save(runs[seed])
-            log(f"[ablation {i}/{len(names)}] {name}, seed {seed}: " + ", ".join(
-                f"{mode_label(mode, runs[seed]['segmenter'])} mAcc {100 * m['macc']:.1f}%"
-                for mode, m in runs[seed]["mask_modes"].items()))
-        results[name] = {"prompts": prompts, "visual_prompt": visual, "mrl": mrl, "seeds": runs,
-                         "macc": float(np.mean([r["macc"] for r in runs.values()])),
-                         "macc_std": float(np.std([r["macc"] for r in runs.values()])),
-                         "macc_by_dim": {d: float(np.mean([r["macc_by_dim"][d] for r in runs.values()]))
-                                         for d in next(iter(runs.values()))["macc_by_dim"]}}
-    cfg.output_dir.mkdir(parents=True, exist_ok=True)
-    first = next(iter(results.values()))["seeds"] if results else {}
-    categories = sorted({k for r in first.values() for k in r["per_super_category"]})
-    modes = list(cfg.eval.mask_modes)
-    segmenter = next(iter(first.values()))["segmenter"] if first else "cpu"
-
-    def over_seeds(result: dict[str, Any], read: Callable[[dict[str, Any]], float | None]) -> str:
-        return _spread([read(run) for run in result["seeds"].values()])
-
-    table = _table(["model", "prompts", "visual prompt", "MRL", *categories,
-                    *(f"mAcc % {mode_label(m, segmenter)}" for m in modes), "new-look mAcc %", "mAcc % at D/8",
-                    "mAcc % at D/4"],
-                   [[name, r["prompts"], r["visual_prompt"], r["mrl"],
-                     *(over_seeds(r, lambda run, c=c: run["per_super_category"].get(c, float("nan")))
-                       for c in categories),
-                     *(over_seeds(r, lambda run, m=m: run["mask_modes"][m]["macc"]) for m in modes),
-                     over_seeds(r, lambda run: run["looks"]["new_look"]),
-                     over_seeds(r, lambda run: run["macc_by_dim"][sorted(run["macc_by_dim"])[0]]),
-                     over_seeds(r, lambda run: run["macc_by_dim"][sorted(run["macc_by_dim"])[1]])]
-                    for name, r in results.items()])
-    curves = {label: results[name]["macc_by_dim"] for label, name in DIM_CURVES.items() if name in results}
-    dims = sorted({d for c in curves.values() for d in c})
-    dim_table = _table(["", *map(str, dims)], [[label, *(100 * c[d] for d in dims)] for label, c in curves.items()])
-    budget = cfg.train.train
-    text = (f"# Ablation on {len(rows)} unseen classes (chance {100 / len(rows):.1f}%)\n\n"
-            f"Every model: {cfg.train.model}, {budget.steps} steps × {cfg.train.num_workers} worker(s) × "
-            f"{budget.batch_size}, the same data; mean ± std over seeds {list(cfg.seeds)}. Super-categories, new "
-            f"looks (no training class has the look) and sizes with {modes[0]} masks.\n\n{table}\n\n"
-            f"## mAcc % vs embedding dimension (mean over seeds)\n\n{dim_table}\n")
-    (cfg.output_dir / "ablation.md").write_text(text)
-    (cfg.output_dir / "ablation.json").write_text(json.dumps(results, indent=2))
-    if curves:
-        _plot(curves, cfg.output_dir / "macc_by_dim.png", "Adaptive MRL vs plain MRL vs naive truncation")
-    log(text)
-    return results

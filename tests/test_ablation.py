@@ -1,0 +1,172 @@
+"""The ablation (``ogclip eval ablation``): each recipe's arms, the records that let it resume, and its table."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from conftest import write_shards
+
+from ogclip_jobs.ablation import (
+    ABLATIONS,
+    VARIANTS,
+    _int_dims,
+    ablation_markdown,
+    dense_record,
+    run_means,
+    variant_config,
+    variant_eval,
+    zero_shot_record,
+)
+from ogclip_jobs.config import AblationConfig, DenseConfig, EvalConfig, SynthStreamConfig, TrainConfig, TrainJobConfig
+from ogclip_jobs.train import build_model_config_preprocess
+
+
+def test_ablation_variants_share_the_budget() -> None:
+    base = TrainJobConfig(name="demo", model="og-clip-tiny", train=TrainConfig(steps=77, batch_size=5))
+    configs = {name: variant_config(base, name) for name in VARIANTS}
+    assert len({c.name for c in configs.values()}) == len(VARIANTS)
+    assert all(c.train == base.train and c.model == base.model and not c.export for c in configs.values())
+    assert configs["CLIP"].recipe.prompts == "label" and configs["CLIP"].recipe.visual_prompt == "none"
+    assert configs["+Adaptive MRL (OG-CLIP)"].recipe.mrl == "adaptive" and configs["plain MRL"].recipe.mrl == "uniform"
+    # The variants that read no mask do not zoom onto the object either; the others keep the architecture's zoom.
+    zooms = {name: build_model_config_preprocess(c)["roi_zoom"] for name, c in configs.items()}
+    assert zooms["CLIP"] == zooms["+KG-Aug"] == 1.0
+    assert {zooms[name] for name in VARIANTS if configs[name].recipe.visual_prompt != "none"} == {2.0}
+    with pytest.raises(ValueError, match="not an arm of the detail-clip ablation"):
+        variant_config(TrainJobConfig.model_validate({"recipe": {"kind": "detail-clip"}}), "+ROI")
+    stream = base.model_copy(update={"data": SynthStreamConfig(seed=10)})
+    seeded = [variant_config(stream, "+ROI", seed) for seed in (0, 1, 2)]
+    assert len({c.name for c in seeded}) == 3 and [c.seed for c in seeded] == [0, 1, 2]
+    assert [c.data.seed for c in seeded] == [10, 11, 12], "each seed renders its own pictures"
+    assert all(c.train == base.train for c in seeded)
+
+
+def test_an_ablation_run_is_reused_only_for_the_same_budget_and_data(tmp_path: Path) -> None:
+    data = tmp_path / "shards"
+    data.mkdir()
+    (data / "part-0.parquet").write_bytes(b"rows")
+    base = TrainJobConfig(name="demo", model="og-clip-tiny", train=TrainConfig(steps=77, batch_size=5))
+    eval_cfg = EvalConfig(data=data)
+    runs = tmp_path / "runs"
+    scores = {"macc": 0.5, "macc_by_dim": {16: 0.25, 128: 0.5}, "per_class": [0.5, float("nan")],
+              "mask_modes": {"exact": {"macc": 0.5, "macc_by_dim": {16: 0.25, 128: 0.5}}}}
+    roi = variant_config(base, "+ROI", 0)
+    record = zero_shot_record(runs, "+ROI", 0, roi, eval_cfg)
+    assert record.path == runs / "roi-s0.json" and record.load() is None, "nothing stored yet"
+    record.save(scores)
+    loaded = _int_dims(record.load())
+    assert loaded["macc_by_dim"] == {16: 0.25, 128: 0.5} and loaded["mask_modes"]["exact"]["macc_by_dim"][16] == 0.25
+    assert loaded["per_class"][0] == 0.5 and math.isnan(loaded["per_class"][1])
+    other_seed = zero_shot_record(runs, "+ROI", 0, variant_config(base, "+ROI", 1), eval_cfg)
+    other_budget = zero_shot_record(runs, "+ROI", 0, variant_config(base.model_copy(
+        update={"train": TrainConfig(steps=78, batch_size=5)}), "+ROI", 0), eval_cfg)
+    other_eval = zero_shot_record(runs, "+ROI", 0, roi, eval_cfg.model_copy(update={"batch_size": 7}))
+    assert other_seed.load() is None and other_budget.load() is None and other_eval.load() is None
+    # the dense probe's scores live apart: adding the probe keeps the zero-shot scores, changing it rescores it
+    dense = dense_record(runs, "+ROI", 0, roi, DenseConfig())
+    assert dense.path == runs / "roi-s0-dense.json" and dense.load() is None and record.load() is not None
+    dense.save({"class": {"miou": 0.1}})
+    assert dense.load() == {"class": {"miou": 0.1}}
+    assert dense_record(runs, "+ROI", 0, roi, DenseConfig(fit_scenes=7)).load() is None
+    (data / "part-0.parquet").write_bytes(b"other rows")  # the test shards were rebuilt
+    assert zero_shot_record(runs, "+ROI", 0, roi, eval_cfg).load() is None
+    record.path.write_text("{not json")
+    assert record.load() is None, "an unreadable record is retrained, not an error"
+
+
+def test_detail_clip_arms_turn_its_terms_on_one_at_a_time_then_change_the_removal() -> None:
+    base = TrainJobConfig.model_validate({"name": "dc", "model": "og-clip-tiny", "recipe": {"kind": "detail-clip"},
+                                          "train": {"steps": 77, "batch_size": 5}})
+    configs = {name: variant_config(base, name) for name in ABLATIONS["detail-clip"]}
+    assert len({c.name for c in configs.values()}) == 7 and all(c.train == base.train for c in configs.values())
+    arms = {name: (c.recipe.alpha_cls, c.recipe.alpha_patch, c.recipe.alpha_rec, c.recipe.removal,
+                   c.recipe.removal_mode) for name, c in configs.items()}
+    assert arms == {
+        "CLIP": (0.0, 0.0, 0.0, 0.0, "attention"),
+        "+reconstruction, random removal": (0.0, 0.0, 1.0, 0.5, "random"),
+        "+reconstruction, attention removal": (0.0, 0.0, 1.0, 0.5, "attention"),
+        "+L_CLS": (1.0, 0.0, 1.0, 0.5, "attention"),
+        "+L_Patch (DetailCLIP)": (1.0, 1.0, 1.0, 0.5, "attention"),
+        "DetailCLIP, random removal": (1.0, 1.0, 1.0, 0.5, "random"),
+        "DetailCLIP, inverted removal": (1.0, 1.0, 1.0, 0.5, "inverted"),
+    }
+    # DetailCLIP never reads the mask: its zero-shot evaluation gives none, with the recipe's prompts
+    scored = variant_eval(EvalConfig(visual_prompt="roi"), configs["CLIP"])
+    assert scored.visual_prompt == "none" and scored.prompts == base.recipe.prompts
+    assert variant_eval(EvalConfig(), variant_config(TrainJobConfig(), "Red-Circle")).visual_prompt == "red_circle"
+
+
+def test_run_means_average_what_the_run_logged(tmp_path: Path) -> None:
+    rows = [{"step": 1, "kept_on_target": 0.2, "target_share": 0.1}, {"step": 2, "kept_on_target": 0.4},
+            {"step": 3, "loss": 1.0, "target_share": 0.3}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    assert run_means(tmp_path) == {"kept_on_target": pytest.approx(0.3), "target_share": pytest.approx(0.2)}
+    assert run_means(tmp_path / "missing") == {}
+
+
+def _run(macc: float, dense: float | None = None, kept: float | None = None) -> dict:
+    run = {"macc": macc, "macc_by_dim": {16: macc / 2, 32: macc, 128: macc}, "segmenter": "cpu",
+           "per_super_category": {"warship": macc}, "looks": {"new_look": macc / 2},
+           "mask_modes": {"exact": {"macc": macc}}, "training": {} if kept is None else
+           {"kept_on_target": kept, "target_share": 0.1}}
+    if dense is not None:
+        run["dense"] = {"class": {"miou": dense, "instances": {"small_iou": dense / 4, "other_iou": dense}},
+                        "super_category": {"miou": 2 * dense}}
+    return run
+
+
+def test_the_table_shows_each_arms_settings_and_every_score_over_seeds() -> None:
+    cfg = AblationConfig(train=TrainJobConfig.model_validate({"recipe": {"kind": "detail-clip"}}),
+                         eval=EvalConfig(mask_modes=["exact"]), seeds=[0, 1], dense=DenseConfig())
+    results = {"CLIP": {"settings": {"alpha_cls": 0.0, "removal_mode": "attention"},
+                        "seeds": {0: _run(0.2, 0.1, 0.3), 1: _run(0.4, 0.3, 0.5)}},
+               "DetailCLIP, random removal": {"settings": {"removal_mode": "random"},
+                                              "seeds": {0: _run(0.5, 0.2, 0.1), 1: _run(0.5, 0.2, 0.1)}}}
+    text = ablation_markdown(cfg, results, classes=99)
+    header = next(line for line in text.splitlines() if line.startswith("| model"))
+    assert header.split(" | ")[1:3] == ["alpha cls", "removal mode"]
+    for column in ("class mIoU %", "super-category mIoU %", "small-target IoU %", "kept on target %",
+                   "target share %", "mAcc % exact"):
+        assert column in header
+    clip = next(line for line in text.splitlines() if line.startswith("| CLIP |")).split(" | ")
+    assert clip[1:3] == ["0.0", "attention"] and "30.0 ± 10.0" in clip and "20.0 ± 10.0" in clip
+    assert "40.0 ± 10.0" in clip, "the kept-on-target share over seeds"
+    assert "mAcc % vs embedding dimension" not in text, "dimension curves are OG-CLIP's"
+    plain = ablation_markdown(cfg.model_copy(update={"dense": None}), results, classes=99)
+    assert "class mIoU %" not in plain
+
+
+@pytest.mark.slow
+def test_a_detail_clip_ablation_trains_on_ray_and_adds_the_dense_probe_without_retraining(
+        tmp_path: Path, graph, job_settings) -> None:
+    """One DetailCLIP arm, two steps on Ray Train, scored zero-shot; run again with the dense probe, the finished
+    run is loaded (its folder resumes at the last step), not trained again, and only the probe is new."""
+    from ogclip_jobs.ablation import run_ablation
+
+    data = tmp_path / "shards"
+    write_shards(graph, data, classes=4, per_class=4)
+    train = TrainJobConfig.model_validate({
+        "name": "dc", "model": "og-clip-tiny", "data": str(data), "output_dir": str(tmp_path / "train"),
+        "recipe": {"kind": "detail-clip", "caption_ratio": 0.0,
+                   "head": {"head_hidden": 32, "head_bottleneck": 16, "prototypes": 64, "decoder_heads": 4}},
+        "train": {"lr": 1e-4, "min_lr": 1e-5, "warmup_steps": 1, "steps": 2, "batch_size": 4},
+        "num_workers": 1, "cpus_per_worker": 1.0, "checkpoint_every": 2, "log_every": 1, "ray_num_cpus": 2})
+    cfg = AblationConfig(train=train, eval=EvalConfig(data=data, class_set="train", mask_modes=["exact"]),
+                         variants=["+L_Patch (DetailCLIP)"], output_dir=tmp_path / "ablation")
+    lines: list[str] = []
+    first = run_ablation(cfg, lines.append)["+L_Patch (DetailCLIP)"]
+    assert any(line.startswith("[ablation 1/1] training ") for line in lines)
+    assert first["settings"] == {"removal_mode": "attention"}
+    assert 0.0 < first["seeds"][0]["training"]["target_share"] < 1.0, "the kept-on-target share is logged"
+    lines.clear()
+    dense = DenseConfig(classes=4, class_set="train", fit_scenes=4, eval_scenes=2, pixels_per_scene=8,
+                        zero_shot=None)
+    second = run_ablation(cfg.model_copy(update={"dense": dense}), lines.append)["+L_Patch (DetailCLIP)"]
+    assert any(line.startswith("[ablation 1/1] loading ") for line in lines), "\n".join(lines)
+    assert not any(line.startswith("[ablation 1/1] training ") for line in lines)
+    assert second["macc"] == first["macc"] and 0.0 <= second["seeds"][0]["dense"]["class"]["miou"] <= 1.0
+    table = (tmp_path / "ablation" / "ablation.md").read_text()
+    assert "# Ablation of detail-clip" in table and "class mIoU %" in table and "kept on target %" in table
