@@ -1,11 +1,13 @@
-"""Training throughput: samples/s of the OG-CLIP step in a plain torch loop and under Ray Train with 1 and 2
-workers on the same data, in one run (Ray Train's overhead = the ratio); with CUDA, og-clip-vit-l-14 in bf16
-against the FLOP-bound limit of the GPU.
+"""Training throughput per recipe: samples/s of each recipe's step in a plain torch loop and under Ray Train with 1
+and 2 workers on the same data, in one run (Ray Train's overhead = the ratio to the plain loop; a recipe's extra
+cost = its plain-loop rate against OG-CLIP's: DetailCLIP's teacher, second view and decoder); with CUDA,
+og-clip-vit-l-14 in bf16 against the FLOP-bound limit of the GPU.
 
 The CPU work: og-clip-tiny, rendered 64 px synthetic targets with their masks, the same prompts, the same
 per-worker batch. Ray Train figures are taken from its own step timer (after start-up) and also given end to end.
+DetailCLIP runs with the CPU head of ``infra/configs/detailclip-cpu.yaml``.
 
-    python bench/train.py [--steps 60] [--batch 32] [--gpu-steps 20]
+    python bench/train.py [--steps 60] [--batch 32] [--recipes og-clip,detail-clip] [--gpu-steps 20]
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from ogclip.config import OGCLIPRecipeConfig
+from ogclip.config import DetailCLIPRecipeConfig, OGCLIPRecipeConfig
 from ogclip.metrics import image_flops
 from ogclip.models import create_model
 from ogclip.recipes import TrainBatch, create_recipe
@@ -31,6 +33,10 @@ from ogclip_jobs.data.images import png_bytes
 from ogclip_jobs.train import DecodeForTraining, build_model_config_preprocess, build_optimizer, fit, train_step
 
 SILHOUETTES = ("delta wing", "swept wing", "straight wing", "rotorcraft")
+# Each benchmarked recipe's settings: the defaults, DetailCLIP with the CPU head its shipped config uses.
+RECIPES = {"og-clip": OGCLIPRecipeConfig(),
+           "detail-clip": DetailCLIPRecipeConfig.model_validate(
+               {"head": {"head_hidden": 512, "head_bottleneck": 64, "prototypes": 1024, "decoder_heads": 4}})}
 
 
 def write_data(folder: Path, per_class: int) -> dict[str, list[str]]:
@@ -136,32 +142,46 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--per-class", type=int, default=24)
+    parser.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated, among {list(RECIPES)}")
     parser.add_argument("--gpu-steps", type=int, default=20)
     args = parser.parse_args()
+    recipes = args.recipes.split(",")
+    unknown = sorted(set(recipes) - set(RECIPES))
+    if unknown:
+        parser.error(f"unknown recipes {unknown}; known: {list(RECIPES)}")
+    figures: dict[str, tuple[float, tuple[float, float], tuple[float, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "shards"
         prompts = write_data(data, args.per_class)
-        base = TrainJobConfig(name="bench", model="og-clip-tiny", data=data, output_dir=Path(tmp) / "runs",
-                              train=TrainConfig(lr=5e-4, min_lr=5e-5, warmup_steps=5, steps=args.steps,
-                                                batch_size=args.batch),
-                              num_workers=1, cpus_per_worker=2.0, checkpoint_every=10**6, log_every=10,
-                              export=False, cache_decoded=True, use_gpu=False)
-        plain = plain_loop(base, prompts, args.steps)
         ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)  # 2 for workers, 1 for Ray Data
         ray.data.DataContext.get_current().use_datasource_v2 = False
         try:
-            one = ray_train(base.model_copy(update={"name": "one"}), prompts)
-            two = ray_train(base.model_copy(update={"name": "two", "num_workers": 2, "cpus_per_worker": 1.0}),
-                            prompts)
+            for kind in recipes:
+                base = TrainJobConfig(name=f"bench-{kind}", model="og-clip-tiny", data=data, recipe=RECIPES[kind],
+                                      output_dir=Path(tmp) / "runs",
+                                      train=TrainConfig(lr=5e-4, min_lr=5e-5, warmup_steps=5, steps=args.steps,
+                                                        batch_size=args.batch),
+                                      num_workers=1, cpus_per_worker=2.0, checkpoint_every=10**6, log_every=10,
+                                      export=False, cache_decoded=True, use_gpu=False)
+                plain = plain_loop(base, prompts, args.steps)
+                one = ray_train(base.model_copy(update={"name": f"{base.name}-one"}), prompts)
+                two = ray_train(base.model_copy(update={"name": f"{base.name}-two", "num_workers": 2,
+                                                        "cpus_per_worker": 1.0}), prompts)
+                figures[kind] = (plain, one, two)
         finally:
             ray.shutdown()
     print(f"og-clip-tiny, 64 px, batch {args.batch} per worker, {args.steps} steps, {torch.get_num_threads()} "
           "CPU threads available")
-    print(f"{'run':<34}{'samples/s':>10}{'per worker':>12}{'end to end':>12}{'vs plain':>10}")
-    print(f"{'plain torch loop (2 threads)':<34}{plain:>10.1f}{plain:>12.1f}{'':>12}{1.0:>10.2f}")
-    print(f"{'Ray Train, 1 worker × 2 CPUs':<34}{one[0]:>10.1f}{one[0]:>12.1f}{one[1]:>12.1f}{one[0] / plain:>10.2f}")
-    print(f"{'Ray Train, 2 workers × 1 CPU':<34}{two[0]:>10.1f}{two[0] / 2:>12.1f}{two[1]:>12.1f}"
-          f"{two[0] / plain:>10.2f}")
+    print(f"{'recipe':<13}{'run':<30}{'samples/s':>10}{'per worker':>12}{'end to end':>12}{'vs plain':>10}"
+          f"{'vs og-clip':>12}")
+    reference = figures["og-clip"][0] if "og-clip" in figures else None
+    for kind, (plain, one, two) in figures.items():
+        cost = f"{plain / reference:>12.2f}" if reference else f"{'':>12}"
+        print(f"{kind:<13}{'plain torch loop (2 threads)':<30}{plain:>10.1f}{plain:>12.1f}{'':>12}{1.0:>10.2f}{cost}")
+        print(f"{kind:<13}{'Ray Train, 1 worker × 2 CPUs':<30}{one[0]:>10.1f}{one[0]:>12.1f}{one[1]:>12.1f}"
+              f"{one[0] / plain:>10.2f}")
+        print(f"{kind:<13}{'Ray Train, 2 workers × 1 CPU':<30}{two[0]:>10.1f}{two[0] / 2:>12.1f}{two[1]:>12.1f}"
+              f"{two[0] / plain:>10.2f}")
     if torch.cuda.is_available():
         gpu_figures(args.gpu_steps)
     else:

@@ -141,10 +141,12 @@ def test_the_table_shows_each_arms_settings_and_every_score_over_seeds() -> None
 
 @pytest.mark.slow
 def test_a_detail_clip_ablation_trains_on_ray_and_adds_the_dense_probe_without_retraining(
-        tmp_path: Path, graph, job_settings) -> None:
-    """One DetailCLIP arm, two steps on Ray Train, scored zero-shot; run again with the dense probe, the finished
-    run is loaded (its folder resumes at the last step), not trained again, and only the probe is new."""
-    from ogclip_jobs.ablation import run_ablation
+        tmp_path: Path, graph, job_settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One DetailCLIP arm, two steps on Ray Train, scored zero-shot and by the dense probe; then, with the probe
+    changed, the finished run is asked for its model again (its folder resumes at the last step, which the
+    two-worker resume test covers; here the model of the first call stands in for it), its zero-shot scores are
+    reused and only the probe runs again."""
+    from ogclip_jobs import ablation
 
     data = tmp_path / "shards"
     write_shards(graph, data, classes=4, per_class=4)
@@ -154,19 +156,34 @@ def test_a_detail_clip_ablation_trains_on_ray_and_adds_the_dense_probe_without_r
                    "head": {"head_hidden": 32, "head_bottleneck": 16, "prototypes": 64, "decoder_heads": 4}},
         "train": {"lr": 1e-4, "min_lr": 1e-5, "warmup_steps": 1, "steps": 2, "batch_size": 4},
         "num_workers": 1, "cpus_per_worker": 1.0, "checkpoint_every": 2, "log_every": 1, "ray_num_cpus": 2})
-    cfg = AblationConfig(train=train, eval=EvalConfig(data=data, class_set="train", mask_modes=["exact"]),
-                         variants=["+L_Patch (DetailCLIP)"], output_dir=tmp_path / "ablation")
-    lines: list[str] = []
-    first = run_ablation(cfg, lines.append)["+L_Patch (DetailCLIP)"]
-    assert any(line.startswith("[ablation 1/1] training ") for line in lines)
-    assert first["settings"] == {"removal_mode": "attention"}
-    assert 0.0 < first["seeds"][0]["training"]["target_share"] < 1.0, "the kept-on-target share is logged"
-    lines.clear()
     dense = DenseConfig(classes=4, class_set="train", fit_scenes=4, eval_scenes=2, pixels_per_scene=8,
                         zero_shot=None)
-    second = run_ablation(cfg.model_copy(update={"dense": dense}), lines.append)["+L_Patch (DetailCLIP)"]
-    assert any(line.startswith("[ablation 1/1] loading ") for line in lines), "\n".join(lines)
-    assert not any(line.startswith("[ablation 1/1] training ") for line in lines)
-    assert second["macc"] == first["macc"] and 0.0 <= second["seeds"][0]["dense"]["class"]["miou"] <= 1.0
+    cfg = AblationConfig(train=train, eval=EvalConfig(data=data, class_set="train", mask_modes=["exact"]),
+                         variants=["+L_Patch (DetailCLIP)"], dense=dense, output_dir=tmp_path / "ablation")
+    calls: list[tuple[TrainJobConfig, object]] = []
+    real = ablation.run_training
+
+    def run_training(cfg: TrainJobConfig, log):  # the real run, then its model for the same config
+        model = next((m for c, m in calls if c == cfg), None) or real(cfg, log)[0]
+        calls.append((cfg, model))
+        return model, {}
+
+    monkeypatch.setattr(ablation, "run_training", run_training)
+    lines: list[str] = []
+    first = ablation.run_ablation(cfg, lines.append)["+L_Patch (DetailCLIP)"]
+    assert any(line.startswith("[ablation 1/1] training ") for line in lines) and len(calls) == 1
+    assert first["settings"] == {"removal_mode": "attention"}
+    assert 0.0 < first["seeds"][0]["training"]["target_share"] < 1.0, "the kept-on-target share is logged"
+    assert 0.0 <= first["seeds"][0]["dense"]["class"]["miou"] <= 1.0
     table = (tmp_path / "ablation" / "ablation.md").read_text()
     assert "# Ablation of detail-clip" in table and "class mIoU %" in table and "kept on target %" in table
+    lines.clear()
+    again = ablation.run_ablation(cfg, lines.append)["+L_Patch (DetailCLIP)"]
+    assert len(calls) == 1 and "not retrained" in lines[0], "everything was scored: nothing to load"
+    assert again["seeds"][0]["dense"] == first["seeds"][0]["dense"]
+    lines.clear()
+    changed = ablation.run_ablation(cfg.model_copy(update={"dense": dense.model_copy(update={"fit_scenes": 5})}),
+                                    lines.append)["+L_Patch (DetailCLIP)"]
+    assert len(calls) == 2 and calls[1][0] == calls[0][0], "the finished run is loaded with its own config"
+    assert any(line.startswith("[ablation 1/1] loading ") for line in lines), "\n".join(lines)
+    assert changed["macc"] == first["macc"] and changed["seeds"][0]["dense"]["counts"]["fit_scenes"] == 5

@@ -173,6 +173,8 @@ def test_the_detail_clip_recipe_trains_with_the_shared_step_and_its_teacher_foll
                        text_owner=torch.tensor([0, 1, 2, 3, 4]), labels=torch.arange(4))
     generator = torch.Generator().manual_seed(0)
     rows = [train_step(model, recipe, optimizer, s, cfg, batch, generator) for s in range(3)]
+    # every trainable parameter is reached by the loss: data-parallel training (DDP) refuses to run otherwise
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
     assert {"loss", "loss_clip", "loss_cls", "loss_patch", "loss_rec", "kept_on_target"} <= set(rows[0])
     assert all(torch.isfinite(r["loss"]) for r in rows)
     assert any(not torch.equal(a, b) for a, b in zip(teacher_before, model.teacher.parameters(), strict=True)), \

@@ -393,7 +393,9 @@ def train_loop(config: dict[str, Any]) -> None:
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank + step)  # a resumed run draws afresh
     rng = random.Random(cfg.seed * 1000 + rank + step)
     log_path = Path(config["run_dir"]) / "metrics.jsonl"
-    started, steps_here = time.perf_counter(), 0
+    # samples/s over the steps since the previous logged line (start-up and the first batch's wait fall in the first
+    # interval only; a checkpoint's cost falls in the interval after it)
+    interval_started, interval_steps = time.perf_counter(), 0
     batch_size = cfg.train.batch_size
     if config.get("renderers"):
         batches = RenderStream(config["renderers"], batch_size, rank, world, cfg.data.prefetch).batches(
@@ -411,13 +413,14 @@ def train_loop(config: dict[str, Any]) -> None:
                             labels=torch.tensor(batch["label"], device=device))
         terms = train_step(wrapped, recipe, optimizer, step, cfg.train, inputs, generator, autocast_dtype)
         step += 1
-        steps_here += 1
+        interval_steps += 1
         loss = float(terms["loss"].detach())
         loss_ema = loss if math.isnan(loss_ema) else 0.95 * loss_ema + 0.05 * loss
         if step % cfg.log_every and step % cfg.checkpoint_every and step < cfg.train.steps:
             continue
-        elapsed = time.perf_counter() - started
-        rate = steps_here * batch_size * world / elapsed
+        now = time.perf_counter()
+        rate = interval_steps * batch_size * world / (now - interval_started)
+        interval_started, interval_steps = now, 0
         metrics = {"step": step, **logged_terms(terms), "loss_ema": loss_ema, "lr": learning_rate(step - 1, cfg.train),
                    "samples_per_s": rate, "workers": world, "time": time.time()}
         if rank == 0:  # the driver prints these lines (follow_metrics)

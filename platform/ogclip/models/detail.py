@@ -107,7 +107,7 @@ class DetailCLIP(OGCLIP):
         the view with blocks removed), the text features (and hard negatives), the teacher's and the student's
         prototype logits for CLS and patch tokens (the student's patch tokens from the decoder), the pixel
         predictions, and which patches the student kept. One call, because DDP synchronises gradients through the
-        wrapped forward (only single-worker training has been run)."""
+        wrapped forward."""
         from ogclip.recipes.detail_clip import cls_attention, keep_mask
 
         if second_view is None:

@@ -166,8 +166,11 @@ class DetailCLIPRecipe(Recipe):
     cfg: DetailCLIPRecipeConfig
 
     def model_overrides(self) -> dict[str, Any]:
+        """The detail-clip architecture with this head; no ROI zoom (the tower reads no mask) and no Matryoshka
+        projections: the losses train the full-size embedding only, and a parameter no loss reaches would stop
+        data-parallel training (DDP refuses gradients that never arrive)."""
         return {"architecture": "detail-clip", "detail": self.cfg.head.model_dump(),
-                "preprocess_cfg": {"roi_zoom": 1.0}}
+                "preprocess_cfg": {"roi_zoom": 1.0}, "mrl": {"weighting": "none"}}
 
     def loss(self, model: nn.Module, batch: TrainBatch, generator: torch.Generator,
              autocast: Autocast) -> dict[str, Tensor]:
