@@ -99,6 +99,32 @@ def test_detail_clip_arms_turn_its_terms_on_one_at_a_time_then_change_the_remova
     assert variant_eval(EvalConfig(), variant_config(TrainJobConfig(), "Red-Circle")).visual_prompt == "red_circle"
 
 
+def test_every_detail_clip_arm_trains_a_step_with_a_finite_loss() -> None:
+    """The arms switch terms off with zero weights and the CLIP arm removes nothing: each must still give a finite
+    loss and a gradient to every trainable parameter (data-parallel training refuses a parameter left out)."""
+    import torch
+    from conftest import MICRO_MINILM, images_and_masks
+
+    import ogclip
+    from ogclip.recipes import TrainBatch, create_recipe
+    from ogclip_jobs.train import build_optimizer, train_step
+
+    base = TrainJobConfig.model_validate({"recipe": {"kind": "detail-clip", "head": {
+        "head_hidden": 32, "head_bottleneck": 16, "prototypes": 64, "decoder_heads": 4}}})
+    images, masks = images_and_masks(batch=4)
+    for name in ABLATIONS["detail-clip"]:
+        recipe = create_recipe(variant_config(base, name).recipe)
+        torch.manual_seed(0)
+        model = ogclip.create_model("og-clip-tiny", device="cpu", **MICRO_MINILM, **recipe.model_overrides())
+        train = TrainConfig(lr=1e-3, warmup_steps=1, steps=2)
+        batch = TrainBatch(images=images, masks=masks, texts=model.tokenize([f"target {i}" for i in range(4)]),
+                           text_owner=torch.arange(4), labels=torch.arange(4))
+        terms = train_step(model, recipe, build_optimizer(model, train), 0, train, batch,
+                           torch.Generator().manual_seed(0))
+        assert torch.isfinite(terms["loss"]), name
+        assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == [], name
+
+
 def test_run_means_average_what_the_run_logged(tmp_path: Path) -> None:
     rows = [{"step": 1, "kept_on_target": 0.2, "target_share": 0.1}, {"step": 2, "kept_on_target": 0.4},
             {"step": 3, "loss": 1.0, "target_share": 0.3}]
