@@ -30,7 +30,14 @@ from ogclip.recipes import TrainBatch, create_recipe
 from ogclip.synth import PATTERNS, TargetClass, render
 from ogclip_jobs.config import TrainConfig, TrainJobConfig
 from ogclip_jobs.data.images import png_bytes
-from ogclip_jobs.train import DecodeForTraining, build_model_config_preprocess, build_optimizer, fit, train_step
+from ogclip_jobs.train import (
+    DecodeForTraining,
+    build_model_config_preprocess,
+    build_optimizer,
+    fit,
+    train_batch,
+    train_step,
+)
 
 SILHOUETTES = ("delta wing", "swept wing", "straight wing", "rotorcraft")
 # Each benchmarked recipe's settings: the defaults, DetailCLIP with the CPU head its shipped config uses.
@@ -61,7 +68,8 @@ def write_data(folder: Path, per_class: int) -> dict[str, list[str]]:
 
 
 def plain_loop(cfg: TrainJobConfig, prompts: dict[str, list[str]], steps: int) -> float:
-    """samples/s of the same step in one process, data decoded up front (no Ray)."""
+    """samples/s of the same step in one process, data decoded up front (no Ray): the batches and texts of the Ray
+    Train loop (:func:`train_batch`), from rows drawn at random."""
     classes = sorted(prompts)
     decoded = DecodeForTraining(build_model_config_preprocess(cfg), classes)(
         pq.read_table(next(Path(cfg.data).glob("*.parquet"))).to_pydict())
@@ -70,19 +78,14 @@ def plain_loop(cfg: TrainJobConfig, prompts: dict[str, list[str]], steps: int) -
     model = recipe.build_model(cfg.model, device="cpu")
     optimizer = build_optimizer(model, cfg.train)
     generator, rng = torch.Generator().manual_seed(0), random.Random(0)
-    images, masks = torch.from_numpy(decoded["image"]), torch.from_numpy(decoded["mask"])
-    labels = torch.from_numpy(decoded["label"])
-    batch = cfg.train.batch_size
     started = None
     for step in range(steps + 3):
         if step == 3:  # the first steps warm caches and allocators; Ray Train's timer starts later too
             started = time.perf_counter()
-        index = torch.randint(len(labels), (batch,), generator=generator)
-        texts = model.tokenize([rng.choice(prompts[classes[int(i)]]) for i in labels[index]])
-        inputs = TrainBatch(images=images[index], masks=masks[index], texts=texts, text_owner=torch.arange(batch),
-                            labels=labels[index])
+        index = torch.randint(len(decoded["label"]), (cfg.train.batch_size,), generator=generator).numpy()
+        inputs = train_batch({name: column[index] for name, column in decoded.items()}, model, cfg, prompts, rng)
         train_step(model, recipe, optimizer, step, cfg.train, inputs, generator)
-    return steps * batch / (time.perf_counter() - started)
+    return steps * cfg.train.batch_size / (time.perf_counter() - started)
 
 
 def ray_train(cfg: TrainJobConfig, prompts: dict[str, list[str]]) -> tuple[float, float]:

@@ -160,6 +160,20 @@ def sample_texts(labels: Sequence[str], captions: Sequence[Any], prompts: Mappin
     return texts, owner
 
 
+def train_batch(batch: Mapping[str, Any], model: OGCLIP, cfg: TrainJobConfig, prompts: Mapping[str, Sequence[str]],
+                rng: random.Random, contrasts: Callable[[str], Sequence[Sequence[str]]] | None = None,
+                device: str | torch.device = "cpu") -> TrainBatch:
+    """A decoded batch (the columns of :class:`DecodeForTraining`) and its training texts (:func:`sample_texts`,
+    as the run's recipe draws them), as the step's tensors."""
+    texts, owner = sample_texts(batch["key"], batch["caption"], prompts, cfg.recipe.prompts, rng,
+                                cfg.recipe.caption_ratio, contrasts, cfg.recipe.hard_negatives)
+    unique = {t: i for i, t in enumerate(dict.fromkeys(texts))}  # prompts repeat: tokenise each sentence once
+    tokens = model.tokenize(list(unique))[torch.tensor([unique[t] for t in texts], device=device)]
+    return TrainBatch(images=torch.tensor(batch["image"], device=device),  # Ray's batches are read-only: copy
+                      masks=torch.tensor(batch["mask"], device=device), texts=tokens,
+                      text_owner=torch.tensor(owner, device=device), labels=torch.tensor(batch["label"], device=device))
+
+
 # -- data ------------------------------------------------------------------------------------------------------
 
 
@@ -296,8 +310,7 @@ def training_dataset(cfg: TrainJobConfig, preprocess: dict[str, Any], classes: S
         raise FileNotFoundError(f"training data {cfg.data} does not exist; run `ogclip data pipeline` first")
     columns = ["image", "mask", "label", "caption"]
     ds = ray.data.read_parquet(str(cfg.data), columns=columns, num_cpus=cfg.data_cpus).map_batches(
-        DecodeForTraining, fn_constructor_kwargs={"preprocess": preprocess, "classes": list(classes)},
-        batch_size=64, num_cpus=cfg.data_cpus, compute=ray.data.ActorPoolStrategy(size=1), batch_format="numpy")
+        DecodeForTraining(preprocess, classes), batch_size=64, num_cpus=cfg.data_cpus, batch_format="numpy")
     return ds.materialize() if cfg.cache_decoded else ds
 
 
@@ -403,14 +416,7 @@ def train_loop(config: dict[str, Any]) -> None:
     else:
         batches = shard_batches(ray.train.get_dataset_shard("train"), cfg, rank, step)
     for batch in batches if step < cfg.train.steps else ():
-        texts, owner = sample_texts(batch["key"], batch["caption"], prompts, cfg.recipe.prompts, rng,
-                                    cfg.recipe.caption_ratio, contrasts, cfg.recipe.hard_negatives)
-        unique = {t: i for i, t in enumerate(dict.fromkeys(texts))}  # a few dozen sentences: tokenise each once
-        tokens = model.tokenize(list(unique))[torch.tensor([unique[t] for t in texts], device=device)]
-        inputs = TrainBatch(images=torch.tensor(batch["image"], device=device),  # Ray's batches are read-only: copy
-                            masks=torch.tensor(batch["mask"], device=device), texts=tokens,
-                            text_owner=torch.tensor(owner, device=device),
-                            labels=torch.tensor(batch["label"], device=device))
+        inputs = train_batch(batch, model, cfg, prompts, rng, contrasts, device)
         terms = train_step(wrapped, recipe, optimizer, step, cfg.train, inputs, generator, autocast_dtype)
         step += 1
         interval_steps += 1
