@@ -70,11 +70,14 @@ class Pipeline:
         marker = self.root / name / MARKER
         return json.loads(marker.read_text()) if marker.exists() else None
 
-    def _input(self, name: str) -> Dataset:
+    def _input_folder(self, name: str) -> Path:
         previous = STAGES[STAGES.index(name) - 1]
         if not self.done(previous):
             raise StageError(f"stage {name!r} needs the output of {previous!r}; run that stage first")
-        return ray.data.read_parquet(str(self.root / previous), **LIGHT)
+        return self.root / previous
+
+    def _input(self, name: str) -> Dataset:
+        return ray.data.read_parquet(str(self._input_folder(name)), **LIGHT)
 
     def run(self, only: str | None = None) -> dict[str, dict[str, Any]]:
         """Run every unfinished stage (or only ``only``); returns each stage's record."""
@@ -112,7 +115,13 @@ class Pipeline:
     @staticmethod
     def _write(ds: Dataset, out: Path) -> int:
         ds.write_parquet(str(out), ray_remote_args=LIGHT)
-        return ray.data.read_parquet(str(out), **LIGHT).count()
+        return _rows_written(out)
+
+    def _pass_through(self, name: str, out: Path) -> int:
+        """A stage that changes nothing (switched off): its input's files, copied as they are."""
+        for file in sorted(self._input_folder(name).glob("*.parquet")):
+            shutil.copyfile(file, out / file.name)
+        return _rows_written(out)
 
     # -- stages ------------------------------------------------------------------------------------------------
 
@@ -154,9 +163,9 @@ class Pipeline:
         return {"rows": rows - len(repeated), "repeated_ids_dropped": len(repeated)}
 
     def _stage_dedup(self, out: Path) -> dict[str, Any]:
-        ds = self._input("dedup")
         if not self.cfg.dedup.enabled:
-            return {"rows": self._write(ds, out), "removed": 0}
+            return {"rows": self._pass_through("dedup", out), "removed": 0}
+        ds = self._input("dedup")
         hashed = _map(ds, stages.HashImages, StageResources(num_cpus=0.5, batch_size=64)).materialize()
         keys = hashed.select_columns(["id", "sha256", "dhash"], **LIGHT).take_all()
         keep = _dedup_keep(keys, self.cfg.dedup.max_hamming)
@@ -166,10 +175,10 @@ class Pipeline:
         return {"rows": rows, "removed": len(keys) - rows}
 
     def _stage_quality(self, out: Path) -> dict[str, Any]:
-        ds = self._input("quality")
         q = self.cfg.quality
         if not q.enabled:
-            return {"rows": self._write(ds, out), "outliers": 0, "filter": "off (quality.enabled is false)"}
+            return {"rows": self._pass_through("quality", out), "outliers": 0,
+                    "filter": "off (quality.enabled is false)"}
         if not Path(q.model).is_dir():
             # A registry name builds fresh random weights: DBSCAN over their embeddings clusters pixel statistics,
             # not content, so its "outliers" would be noise. Until a trained bundle is configured the stage passes
@@ -179,10 +188,10 @@ class Pipeline:
             if q.model not in list_models():
                 raise StageError(f"quality.model {q.model!r} is neither an export bundle folder nor a registered "
                                  "architecture")
-            return {"rows": self._write(ds, out),
+            return {"rows": self._pass_through("quality", out),
                     "filter": f"off (pass-through): quality.model {q.model!r} is a registry name with untrained "
                               "weights; set it to a trained export bundle for the filter to act"}
-        embedded = _map(ds, stages.EmbedImages, q.resources, model=q.model).materialize()
+        embedded = _map(self._input("quality"), stages.EmbedImages, q.resources, model=q.model).materialize()
         points = embedded.select_columns(["id", "label", "embedding"], **LIGHT).take_all()
         outliers = find_outliers(points, q.eps, q.min_samples)
         review = self.cfg.output_dir / "review" / "quality_outliers.jsonl"
@@ -230,17 +239,18 @@ class Pipeline:
 
     def _stage_shards(self, out: Path) -> dict[str, Any]:
         ds = self._input("shards").drop_columns(["mask_truth"], **LIGHT)
-        metrics: dict[str, Any] = {}
+        rows = _rows_written(self._input_folder("shards"))
+        metrics: dict[str, Any] = {"rows": rows}
         if "parquet" in self.cfg.writer.formats:
             ds.write_parquet(str(out / "parquet"), min_rows_per_file=self.cfg.writer.rows_per_shard,
                              ray_remote_args=LIGHT)
+            metrics["rows"] = _rows_written(out / "parquet")
         if "webdataset" in self.cfg.writer.formats:
             (out / "webdataset").mkdir()
-            written = ds.repartition(max(1, -(-ds.count() // self.cfg.writer.rows_per_shard))).map_batches(
+            written = ds.repartition(max(1, -(-rows // self.cfg.writer.rows_per_shard))).map_batches(
                 _TarWriter, fn_constructor_kwargs={"folder": str(out / "webdataset")}, batch_size=None,
                 compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5, batch_format="numpy").take_all()
             metrics["tars"] = len(written)
-        metrics["rows"] = ds.count()
         return metrics
 
 
@@ -253,6 +263,13 @@ def _repeated_ids(folder: Path) -> list[str]:
         for value in pq.read_table(file, columns=["id"]).column("id").to_pylist():
             counts[value] = counts.get(value, 0) + 1
     return [key for key, n in sorted(counts.items()) for _ in range(n - 1)]
+
+
+def _rows_written(folder: Path) -> int:
+    """The rows of the Parquet files under ``folder``, from their footers."""
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(file).metadata.num_rows for file in folder.rglob("*.parquet"))
 
 
 def _first_row(group: Any) -> Any:
