@@ -35,6 +35,28 @@ MICRO_OPENCLIP = {
 MICRO_MINILM = {"vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8}}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _stop_local_ray():
+    """Shut down the local Ray of :func:`local_ray` when the session ends."""
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray (2 CPUs) in this test process, started at first use and then kept for the next modules that
+    need one (a start costs ~10 s on 2 cores); a test that needs a Ray of its own shuts it down first."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().use_datasource_v2 = False
+    yield
+
+
 @pytest.fixture(scope="session")
 def micro_openclip() -> ogclip.OGCLIP:
     """OG-CLIP with an open_clip text transformer (the ViT-L/14 layout, shrunk)."""

@@ -177,7 +177,8 @@ def test_a_detail_clip_ablation_trains_on_ray_and_adds_the_dense_probe_without_r
     data = tmp_path / "shards"
     write_shards(graph, data, classes=4, per_class=4)
     train = TrainJobConfig.model_validate({
-        "name": "dc", "model": "og-clip-tiny", "data": str(data), "output_dir": str(tmp_path / "train"),
+        "name": "dc", "model": "og-clip-tiny", "output_dir": str(tmp_path / "train"),
+        "data": {"kind": "synth", "class_set": "train", "max_classes": 4, "prefetch": 1},  # as the ablation trains
         "recipe": {"kind": "detail-clip", "caption_ratio": 0.0,
                    "head": {"head_hidden": 32, "head_bottleneck": 16, "prototypes": 64, "decoder_heads": 4}},
         "train": {"lr": 1e-4, "min_lr": 1e-5, "warmup_steps": 1, "steps": 2, "batch_size": 4},

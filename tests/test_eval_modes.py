@@ -9,7 +9,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 import torch
 
 from ogclip.models import create_model
@@ -137,14 +136,6 @@ def masked_model():
     with torch.no_grad():
         model.visual.conv1.roi.weight.normal_(0.0, 0.5)
     return model
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
-    ray.data.DataContext.get_current().use_datasource_v2 = False
-    yield
-    ray.shutdown()
 
 
 def test_the_decode_stage_gives_every_mode_its_mask_and_iou(data: Path, masked_model) -> None:

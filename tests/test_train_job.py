@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 from conftest import write_shards
 
@@ -26,14 +25,6 @@ from ogclip_jobs.config import EvalConfig, TrainConfig, TrainJobConfig
 from ogclip_jobs.evaluate import zero_shot_scores
 from ogclip_jobs.train import sample_texts
 from ogclip_kg.prompts import prompts_for
-
-
-@pytest.fixture
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
-    ray.data.DataContext.get_current().use_datasource_v2 = False
-    yield
-    ray.shutdown()
 
 
 def _parent(pid: int) -> int:
