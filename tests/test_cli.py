@@ -124,9 +124,9 @@ def test_demo_runs_end_to_end(tmp_path: Path, kg_settings) -> None:
     assert 0.0 <= summary["eval"]["macc"] <= 1.0 and (out / "eval" / "report.md").exists()
     assert "rendered on the fly" in result.stderr and not (out / "data-train").exists()
     assert (out / "probe" / "probe.md").exists() and summary["probe"]
-    label_report = json.loads((out / "eval-label" / "report.json").read_text())
-    assert label_report["config"]["prompts"] == "label"
-    assert summary["eval"]["macc_label_prompts"] == label_report["macc"]
+    report = json.loads((out / "eval" / "report.json").read_text())
+    assert report["prompts"] == "kg" and summary["eval"]["macc_label_prompts"] == report["by_prompts"]["label"]["macc"]
+    assert "with label prompts instead of kg" in result.stderr
     ogclip.load_bundle(summary["train"]["bundle"], expected_version=version, device="cpu")
 
 

@@ -194,6 +194,21 @@ def test_scores_report_and_log_line_show_every_mode_and_the_look_split(data: Pat
     assert not math.isnan(scores["mask_modes"]["predicted"]["mask_iou"])
 
 
+def test_other_prompts_are_scored_on_the_same_features_as_their_own_evaluation(data: Path, masked_model,
+                                                                            local_ray) -> None:
+    compared = evaluate_model(masked_model, CLASSES, EvalConfig(data=data, mask_modes=["exact", "box"], batch_size=4,
+                                                                compare_prompts=["label"]))
+    alone = evaluate_model(masked_model, CLASSES, EvalConfig(data=data, mask_modes=["exact"], batch_size=4,
+                                                             prompts="label"))
+    assert compared["prompts"] == "kg" and list(compared["by_prompts"]) == ["label"]
+    assert compared["by_prompts"]["label"]["per_class"] == alone["per_class"]
+    assert compared["by_prompts"]["label"]["macc_by_dim"] == alone["macc_by_dim"]
+    assert compared["per_class"] != alone["per_class"] or compared["macc_by_dim"] != alone["macc_by_dim"]
+    costs = {"params_M": 1.0, "trainable_M": 1.0, "gflops_per_image": 0.01, "images_per_s": 100.0}
+    assert "| label |" in report_markdown("ogc-test", compared, CLASSES, costs)
+    assert "exact masks with label prompts instead of kg: " in summary_line(compared, len(CLASSES))
+
+
 def test_eval_command_line_options() -> None:
     args = build_parser().parse_args(["eval", "probe", "--bundle", "b", "--output-dir", "o"])
     assert args.eval_command == "probe" and str(args.bundle) == "b" and str(args.output_dir) == "o"

@@ -30,7 +30,8 @@ class StageResources(StrictModel):
 
     num_cpus: float = Field(default=0.5, gt=0)
     num_gpus: float = Field(default=0.0, ge=0)
-    concurrency: int = Field(default=1, ge=1, description="actors in the stage's pool")
+    concurrency: int = Field(default=1, ge=1, description="actors in the pool of a stage that loads a model, "
+                             "tasks at once of a weight-free one")
     batch_size: int = Field(default=32, ge=1)
 
 
@@ -298,6 +299,10 @@ class EvalConfig(StrictModel):
         "with the data (the renderer's own), 'predicted' a segmenter's (as the paper segments at inference), "
         "'box' the filled bounding box of the exact mask (a client giving a box). The first is the headline mAcc")
     segmenter: EvalSegmenterConfig = EvalSegmenterConfig()
+    compare_prompts: list[PromptMode] = Field(
+        default=[], description="also score the same image features (first mask mode) against class embeddings "
+        "built from these prompt sources, e.g. ['label'] for the class names alone: the KG-Aug comparison at the "
+        "cost of embedding the prompts, in the report's 'by_prompts'")
     look_class_set: str = Field(
         default="train", description="a test class whose look (silhouette, colour, size, pattern, accent) some class "
         "of this set shares counts as 'seen look'; the rest are new combinations, true compositional zero-shot")

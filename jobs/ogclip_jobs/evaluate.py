@@ -151,13 +151,18 @@ def encode_test_images(model: OGCLIP, data: Path, classes: list[str], visual_pro
     ensure_ray()
     segmenter = segmenter or EvalSegmenterConfig()
     preprocess = model.cfg.preprocess
-    stage: dict[str, Any] = {"num_cpus": 0.25}
-    if "predicted" in modes and segmenter.method == "sam2" and segmenter.num_gpus:
-        stage["num_gpus"] = segmenter.num_gpus  # SAM2 on the GPU its actor is given
+    decode = {"preprocess": preprocess.model_dump(mode="json"), "classes": classes, "modes": list(modes),
+              "segmenter": segmenter.model_dump(mode="json")}
+    if "predicted" in modes and segmenter.method == "sam2":
+        # SAM2's weights are worth loading once: one actor, on the GPU it is given.
+        stage: dict[str, Any] = {"fn": DecodeTestImages, "fn_constructor_kwargs": decode, "num_cpus": 0.25,
+                                 "num_gpus": segmenter.num_gpus or None, "compute": ray.data.ActorPoolStrategy(size=1)}
+    else:
+        # Tasks: they run in the worker processes Ray keeps warm, where an actor pool would start (and import torch
+        # in) a new process for every dataset, i.e. every evaluation.
+        stage = {"fn": DecodeTestImages(**decode), "num_cpus": 0.25}
     ds = ray.data.read_parquet(str(data), columns=["image", "mask", "label"], num_cpus=0.25).map_batches(
-        DecodeTestImages, fn_constructor_kwargs={"preprocess": preprocess.model_dump(mode="json"), "classes": classes,
-                                                 "modes": list(modes), "segmenter": segmenter.model_dump(mode="json")},
-        batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=1), batch_format="numpy", **stage)
+        batch_size=batch_size, batch_format="numpy", **stage)
     ds.context.execution_options.preserve_order = True  # features in the data's order, whatever the blocks' timing
     model.eval()
     features: dict[str, list[torch.Tensor]] = {mode: [] for mode in modes}
@@ -280,7 +285,13 @@ def evaluate_model(model: OGCLIP, rows: list[dict[str, Any]], cfg: EvalConfig,
         if seen is not None:
             scores["looks"] = look_split(scores["per_class"], seen)
         by_mode[mode] = scores
-    return {**by_mode[cfg.mask_modes[0]], "mask_mode": cfg.mask_modes[0], "mask_modes": by_mode,
+    first = cfg.mask_modes[0]
+    by_prompts = {prompts: zero_shot_scores(encoded.features[first], encoded.labels,
+                                            embed_classes(model, rows, prompts, cfg.seed)[1].cpu(), model.dims,
+                                            super_categories)
+                  for prompts in cfg.compare_prompts}
+    return {**by_mode[first], "mask_mode": first, "mask_modes": by_mode, "prompts": cfg.prompts,
+            "by_prompts": by_prompts,
             "segmenter": segmenter.method, "segmenter_note": note, "classes": classes,
             "seen_look": None if seen is None else [bool(v) for v in seen]}
 
@@ -344,6 +355,11 @@ def report_markdown(name: str, scores: dict[str, Any], rows: list[dict[str, Any]
               markdown_table(["super-category", *(f"{label} mAcc %" for label in labels)],
                      [[c, *(_pct(m["per_super_category"].get(c)) for m in modes.values())] for c in categories]
                      + [["all (mAcc)", *(100 * m["macc"] for m in modes.values())]]), "",
+              *([f"Class embeddings from other prompts ({labels[0]} masks, the same image features):", "",
+                 markdown_table(["prompts", "mAcc %", *(f"mAcc % at {d}" for d in scores["macc_by_dim"])],
+                                [[p, 100 * m["macc"], *(100 * v for v in m["macc_by_dim"].values())]
+                                 for p, m in {scores["prompts"]: scores, **scores["by_prompts"]}.items()]), ""]
+                if scores["by_prompts"] else []),
               f"By embedding size ({labels[0]} masks):", "",
               markdown_table(["dim", *map(str, scores["macc_by_dim"])], [["mAcc %", *(100 * v for v in
                                                                              scores["macc_by_dim"].values())]]), "",
@@ -369,7 +385,9 @@ def summary_line(scores: dict[str, Any], classes: int) -> str:
     if looks:
         text += (f"; {scores['mask_mode']} masks, seen looks ({looks['seen_look_classes']} classes) "
                  f"{_fmt(looks['seen_look'])}, new looks ({looks['new_look_classes']}) {_fmt(looks['new_look'])}")
-    return text + "; " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in scores["per_super_category"].items())
+    text += "; " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in scores["per_super_category"].items())
+    return text + "".join(f"; {scores['mask_mode']} masks with {p} prompts instead of {scores['prompts']}: "
+                          f"{100 * m['macc']:.1f}%" for p, m in scores["by_prompts"].items())
 
 
 def _fmt(value: float | None) -> str:

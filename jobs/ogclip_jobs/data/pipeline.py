@@ -46,13 +46,18 @@ class StageError(RuntimeError):
 
 
 def _map(ds: Dataset, fn: Any, resources: StageResources, **kwargs: Any) -> Dataset:
-    """``map_batches`` with a stage's resources: an actor pool for classes, tasks for functions."""
+    """``map_batches`` with a stage's resources, ``concurrency`` of them at once. A class (a stage that loads a
+    model) runs in a pool of actors, each constructed once with ``kwargs``; a function or a callable instance
+    (weight-free work) runs as tasks, in the worker processes Ray keeps warm, where an actor pool would start a
+    process, and import torch in it, for every stage."""
     options: dict[str, Any] = {"batch_size": resources.batch_size, "num_cpus": resources.num_cpus,
                                "batch_format": "numpy"}
     if resources.num_gpus:
         options["num_gpus"] = resources.num_gpus
     if isinstance(fn, type):
         options.update(compute=ray.data.ActorPoolStrategy(size=resources.concurrency), fn_constructor_kwargs=kwargs)
+    else:
+        options["compute"] = ray.data.TaskPoolStrategy(size=resources.concurrency)
     return ds.map_batches(fn, **options)
 
 
@@ -133,8 +138,8 @@ class Pipeline:
             targets = {key: TargetClass.from_facts(row) for key, row in self.classes.items()}
             keys = spread_classes(targets, source.max_classes, source.seed)
             items = [{"label": key, "index": i} for key in keys for i in range(source.per_class)]
-            ds = _map(ray.data.from_items(items), stages.RenderTargets, resources,
-                      targets={k: targets[k] for k in keys}, image_size=source.image_size, seed=source.seed)
+            ds = _map(ray.data.from_items(items), stages.RenderTargets({k: targets[k] for k in keys},
+                                                                        source.image_size, source.seed), resources)
         elif source.kind in ("folder", "webdataset"):
             tars = source.kind == "webdataset"
             files = ray.data.read_binary_files(str(source.path), include_paths=True, **LIGHT,
@@ -149,7 +154,7 @@ class Pipeline:
         else:
             ds = ray.data.read_parquet(str(source.path), **LIGHT).map_batches(
                 _parquet_rows, fn_kwargs={"source": source}, batch_format="numpy", **LIGHT)
-        ds = _map(ds, stages.DecodeCheck, resources)
+        ds = _map(ds, stages.DecodeCheck(), resources)
         rows = self._write(ds, out)
         repeated = _repeated_ids(out)
         if repeated:
@@ -166,7 +171,7 @@ class Pipeline:
         if not self.cfg.dedup.enabled:
             return {"rows": self._pass_through("dedup", out), "removed": 0}
         ds = self._input("dedup")
-        hashed = _map(ds, stages.HashImages, StageResources(num_cpus=0.5, batch_size=64)).materialize()
+        hashed = _map(ds, stages.HashImages(), StageResources(num_cpus=0.5, batch_size=64)).materialize()
         keys = hashed.select_columns(["id", "sha256", "dhash"], **LIGHT).take_all()
         keep = _dedup_keep(keys, self.cfg.dedup.max_hamming)
         kept = hashed.filter(expr=col("id").is_in(sorted(keep)), **LIGHT)
@@ -217,7 +222,7 @@ class Pipeline:
                 raise StageError(f"{missing} rows have no mask; use masks.method 'cpu' or 'sam2'")
             return {"rows": self._write(ds, out)}
         if m.method == "cpu":
-            ds = _map(ds, stages.CpuSegmenter, m.resources)
+            ds = _map(ds, stages.CpuSegmenter(), m.resources)
         else:
             ds = _map(ds, stages.Sam2Masker, m.resources, checkpoint=str(m.sam2_checkpoint), config=m.sam2_config,
                       prompt=m.prompt, device=m.device)
@@ -231,7 +236,7 @@ class Pipeline:
         ds = self._input("captions")
         c = self.cfg.captions
         if c.method == "template":
-            ds = _map(ds, stages.TemplateCaptioner, c.resources, classes=self.classes, seed=c.seed)
+            ds = _map(ds, stages.TemplateCaptioner(self.classes, c.seed), c.resources)
         else:
             ds = _map(ds, stages.VlmCaptioner, c.resources, model_path=str(c.vlm_model_path),
                       classes=self.classes, max_tokens=c.max_tokens)
