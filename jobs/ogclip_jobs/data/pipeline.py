@@ -253,8 +253,7 @@ class Pipeline:
         if "webdataset" in self.cfg.writer.formats:
             (out / "webdataset").mkdir()
             written = ds.repartition(max(1, -(-rows // self.cfg.writer.rows_per_shard))).map_batches(
-                _TarWriter, fn_constructor_kwargs={"folder": str(out / "webdataset")}, batch_size=None,
-                compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5, batch_format="numpy").take_all()
+                _TarWriter(str(out / "webdataset")), batch_size=None, num_cpus=0.5, batch_format="numpy").take_all()
             metrics["tars"] = len(written)
         return metrics
 
@@ -352,7 +351,8 @@ def find_outliers(points: list[dict[str, Any]], eps: float, min_samples: int) ->
 
 
 class _TarWriter:
-    """Write one WebDataset tar per batch (open_clip reads ``png`` + ``txt``; masks and metadata ride along)."""
+    """Write one WebDataset tar per batch (open_clip reads ``png`` + ``txt``; masks and metadata ride along), named
+    by its ids, so a retried task rewrites the same file."""
 
     def __init__(self, folder: str) -> None:
         self.folder = Path(folder)
