@@ -167,12 +167,12 @@ def cluster(kg_settings):
 
 
 def _pipeline_config(output_dir: Path) -> Path:
-    """A small run on the synthetic world whose stages fit on one surviving 1-CPU node: each actor pool holds one
-    half-CPU actor, which leaves room for Ray Data's quarter-CPU reads and writes beside it."""
+    """A small run on the synthetic world whose stages fit on one surviving 1-CPU node: each stage runs one
+    half-CPU task at a time, which leaves room for Ray Data's quarter-CPU reads and writes beside it."""
     one = {"num_cpus": 0.5, "concurrency": 1, "batch_size": 4}
     cfg = {"output_dir": str(output_dir),
            "source": {"kind": "synth", "class_set": "train", "max_classes": 3, "per_class": 4, "image_size": 32},
-           "dedup": {"enabled": False}, "quality": {"enabled": False},  # each actor pool costs a worker start-up
+           "dedup": {"enabled": False}, "quality": {"enabled": False},  # the filter's actors would import torch
            "masks": {"method": "provided"}, "captions": {"method": "template", "resources": one},
            "writer": {"formats": ["parquet"], "rows_per_shard": 4}}
     path = output_dir.parent / f"{output_dir.name}.yaml"
@@ -229,8 +229,8 @@ def test_submitted_pipeline_job_finishes(first_run) -> None:
 
 @pytest.mark.slow
 def test_job_survives_a_worker_node_dying_mid_run(cluster, first_run, tmp_path_factory) -> None:
-    """SIGKILL the worker node while one of the job's stage actors runs there: Ray retries the lost tasks and
-    restarts the actor on the head, and the shards hold exactly the rows of an undisturbed run, each once."""
+    """SIGKILL the worker node while the job runs something there: Ray retries the lost tasks on the head, and the
+    shards hold exactly the rows of an undisturbed run, each once."""
     assert first_run["result"].returncode == 0
     output_dir = tmp_path_factory.mktemp("submit") / "run-2"
     started = time.perf_counter()
@@ -242,9 +242,8 @@ def test_job_survives_a_worker_node_dying_mid_run(cluster, first_run, tmp_path_f
     try:
         deadline = time.monotonic() + 400
         while killed_during is None and job.poll() is None and time.monotonic() < deadline:
-            # Past ingest (whose two actor pools would not fit together on one CPU): kill the worker while the job
-            # runs something there, or, if the scheduler keeps it all on the head for 20 s, anyway: the blocks the
-            # worker holds are lost then and must be recomputed.
+            # Past ingest: kill the worker while the job runs something there, or, if the scheduler keeps it all on
+            # the head for 20 s, anyway: the blocks the worker holds are lost then and must be recomputed.
             if (output_dir / "stages" / "ingest" / "_STAGE.json").exists():
                 past_ingest = past_ingest or time.monotonic()
                 running = [name for name in cluster.work_on(workers) if not name.startswith("_StatsActor")]
