@@ -22,7 +22,14 @@ import torch
 from ogclip.bundle import export_bundle
 from ogclip.models import create_model
 from ogclip.synth import TargetClass
-from ogclip_jobs.config import CaptionConfig, DataPipelineConfig, MaskConfig, StageResources, SynthSourceConfig
+from ogclip_jobs.config import (
+    CaptionConfig,
+    DataPipelineConfig,
+    DedupConfig,
+    MaskConfig,
+    StageResources,
+    SynthSourceConfig,
+)
 from ogclip_jobs.data import stages
 from ogclip_jobs.data.pipeline import STAGES, Pipeline, find_outliers
 
@@ -42,14 +49,16 @@ def classes() -> dict[str, dict]:
 
 
 def ray_run(images: int, size: int, cpus: int, bundle: Path) -> dict[str, float]:
-    """Seconds per stage on local Ray with ``cpus`` CPUs (stage actors scaled to the CPUs)."""
+    """Seconds per stage on local Ray with ``cpus`` CPUs (every stage runs ``cpus`` tasks or actors at once)."""
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     try:
         per_class = images // len(classes())
         pool = StageResources(num_cpus=0.5, concurrency=cpus, batch_size=32)
         with tempfile.TemporaryDirectory() as out:
             cfg = DataPipelineConfig(output_dir=Path(out), source=SynthSourceConfig(per_class=per_class,
-                                     image_size=size), masks=MaskConfig(method="cpu", resources=pool),
+                                     image_size=size, resources=pool.model_copy(update={"batch_size": 16})),
+                                     dedup=DedupConfig(resources=pool.model_copy(update={"batch_size": 64})),
+                                     masks=MaskConfig(method="cpu", resources=pool),
                                      captions=CaptionConfig(resources=pool))
             cfg.quality.resources, cfg.quality.model = pool, str(bundle)
             records = Pipeline(cfg, classes(), log=lambda _: None).run()

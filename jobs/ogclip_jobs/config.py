@@ -35,7 +35,13 @@ class StageResources(StrictModel):
     batch_size: int = Field(default=32, ge=1)
 
 
-class SynthSourceConfig(StrictModel):
+class SourceConfig(StrictModel):
+    """What every source has: the resources of the ingest stage (reading or rendering, then the decode check)."""
+
+    resources: StageResources = StageResources(num_cpus=0.5, batch_size=16)
+
+
+class SynthSourceConfig(SourceConfig):
     """Render the synthetic target world for the graph's class set."""
 
     kind: Literal["synth"] = "synth"
@@ -47,14 +53,14 @@ class SynthSourceConfig(StrictModel):
     seed: int = 0
 
 
-class FolderSourceConfig(StrictModel):
+class FolderSourceConfig(SourceConfig):
     """Images under ``path/<class key>/*``; the folder name is the class."""
 
     kind: Literal["folder"] = "folder"
     path: Path
 
 
-class ParquetSourceConfig(StrictModel):
+class ParquetSourceConfig(SourceConfig):
     """img2dataset-style Parquet: image bytes, a caption and a label per row."""
 
     kind: Literal["parquet"] = "parquet"
@@ -64,7 +70,7 @@ class ParquetSourceConfig(StrictModel):
     label_column: str = "label"
 
 
-class WebDatasetSourceConfig(StrictModel):
+class WebDatasetSourceConfig(SourceConfig):
     """WebDataset tars (``key.jpg|png`` + ``key.txt`` + ``key.cls`` or ``key.json`` with a label)."""
 
     kind: Literal["webdataset"] = "webdataset"
@@ -74,6 +80,7 @@ class WebDatasetSourceConfig(StrictModel):
 class DedupConfig(StrictModel):
     enabled: bool = True
     max_hamming: int = Field(default=3, ge=0, le=32, description="64-bit dHash distance counted as a near duplicate")
+    resources: StageResources = StageResources(num_cpus=0.5, batch_size=64)
 
 
 class QualityFilterConfig(StrictModel):
@@ -177,7 +184,7 @@ class CrawlConfig(StrictModel):
         return self.user_agent.split("/", 1)[0].strip().lower()
 
 
-class CrawlSourceConfig(StrictModel):
+class CrawlSourceConfig(SourceConfig):
     """Crawl a URL manifest: a text file of ``url<TAB>label`` lines (``#`` starts a comment)."""
 
     kind: Literal["crawl"] = "crawl"

@@ -132,8 +132,7 @@ class Pipeline:
 
     def _stage_ingest(self, out: Path) -> dict[str, Any]:
         source = self.cfg.source
-        # Fractional CPUs: an actor holding a whole CPU of a 1-CPU Ray would starve the reads it waits for.
-        resources = StageResources(num_cpus=0.5, batch_size=16)
+        resources = source.resources
         if source.kind == "synth":
             targets = {key: TargetClass.from_facts(row) for key, row in self.classes.items()}
             keys = spread_classes(targets, source.max_classes, source.seed)
@@ -171,7 +170,7 @@ class Pipeline:
         if not self.cfg.dedup.enabled:
             return {"rows": self._pass_through("dedup", out), "removed": 0}
         ds = self._input("dedup")
-        hashed = _map(ds, stages.HashImages(), StageResources(num_cpus=0.5, batch_size=64)).materialize()
+        hashed = _map(ds, stages.HashImages(), self.cfg.dedup.resources).materialize()
         keys = hashed.select_columns(["id", "sha256", "dhash"], **LIGHT).take_all()
         keep = _dedup_keep(keys, self.cfg.dedup.max_hamming)
         kept = hashed.filter(expr=col("id").is_in(sorted(keep)), **LIGHT)
