@@ -163,8 +163,9 @@ def _start_serve(stack: ExitStack, home: Path, settings: Any) -> int:
     os.environ.update({"OGCLIP_HOME": str(home), "OGCLIP_KG_BOLT_PORT": str(settings.kg_bolt_port),
                        "OGCLIP_KG_HTTP_PORT": str(settings.kg_http_port), "OGCLIP_API_TOKEN": TOKEN})
     os.environ.pop("OGCLIP_NEO4J_URI", None)
-    # Up to three apps of one 1-CPU replica each; they are loaded one at a time, so Ray may count three CPUs here.
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    # Three apps of one 1-CPU replica each, the two classifier apps with their 0.1-CPU gateways too: Ray must count
+    # four CPUs here for all of them to be placed (the loads run one at a time).
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     stack.callback(ray.shutdown)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     stack.callback(serve.shutdown)

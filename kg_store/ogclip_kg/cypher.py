@@ -110,10 +110,14 @@ CLASS_SETS = "MATCH (s:ClassSet) RETURN s.key AS key, s.size AS size ORDER BY ke
 
 # What a replica polls to notice a change without reading vectors: the members of a class set and, per member, the
 # signature (dimension and first component) of its embedding under the model version, empty when it has none. A
-# class added to the set, removed from it, or (re-)embedded changes the rows.
+# class added to the set, removed from it, or (re-)embedded changes the rows. The embeddings are matched by their
+# indexed model version: a pattern comprehension filtered by it instead visits every embedding of every version
+# (on the embedded server, 6 s for 99 classes and 258 s for 3,144 with 29k embeddings stored, against 0.1 s and
+# 0.5 s).
 CLASS_SET_STATE = """MATCH (t:Target)-[:IN_CLASS_SET]->(:ClassSet {key: $key})
-RETURN t.key AS key, t.name AS name, t.super_category AS super_category,
-       [(e:TextEmbedding)-[:EMBEDS]->(t) WHERE e.model_version = $model_version | [e.dim, e.vector[0]]] AS embedding
+OPTIONAL MATCH (e:TextEmbedding {model_version: $model_version})-[:EMBEDS]->(t)
+WITH t, collect(CASE WHEN e IS NULL THEN null ELSE [e.dim, e.vector[0]] END) AS embedding
+RETURN t.key AS key, t.name AS name, t.super_category AS super_category, embedding
 ORDER BY key"""
 
 READ_EMBEDDINGS_FOR_KEYS = """MATCH (e:TextEmbedding {model_version: $model_version}) WHERE e.target_key IN $keys
