@@ -166,13 +166,24 @@ def cluster(kg_settings):
         ray_cluster.stop()
 
 
-def _pipeline_config(output_dir: Path) -> Path:
+@pytest.fixture(scope="module")
+def quality_bundle(tmp_path_factory) -> Path:
+    """A fresh og-clip-tiny export bundle: with it the quality filter runs, in the job's only stage actors."""
+    from ogclip.bundle import export_bundle
+    from ogclip.models import create_model
+
+    return export_bundle(create_model("og-clip-tiny", device="cpu"), tmp_path_factory.mktemp("bundle") / "b").path
+
+
+def _pipeline_config(output_dir: Path, bundle: Path) -> Path:
     """A small run on the synthetic world whose stages fit on one surviving 1-CPU node: each stage runs one
-    half-CPU task at a time, which leaves room for Ray Data's quarter-CPU reads and writes beside it."""
+    half-CPU task or actor at a time, which leaves room for Ray Data's quarter-CPU reads and writes beside it. The
+    quality filter embeds with a bundle in an actor (a stage that loads a model); the other stages are tasks."""
     one = {"num_cpus": 0.5, "concurrency": 1, "batch_size": 4}
     cfg = {"output_dir": str(output_dir),
            "source": {"kind": "synth", "class_set": "train", "max_classes": 3, "per_class": 4, "image_size": 32},
-           "dedup": {"enabled": False}, "quality": {"enabled": False},  # the filter's actors would import torch
+           "dedup": {"enabled": False},
+           "quality": {"enabled": True, "model": str(bundle), "drop_outliers": False, "resources": one},
            "masks": {"method": "provided"}, "captions": {"method": "template", "resources": one},
            "writer": {"formats": ["parquet"], "rows_per_shard": 4}}
     path = output_dir.parent / f"{output_dir.name}.yaml"
@@ -204,11 +215,11 @@ def _stage_seconds(records: dict) -> str:
 
 
 @pytest.fixture(scope="module")
-def first_run(cluster, tmp_path_factory) -> dict:
+def first_run(cluster, quality_bundle, tmp_path_factory) -> dict:
     output_dir = tmp_path_factory.mktemp("submit") / "run-1"
     started = time.perf_counter()
-    result = subprocess.run(_submit_argv(cluster, _pipeline_config(output_dir), "--wait"), capture_output=True,
-                            text=True, env=_client_env(cluster.token), timeout=600)
+    result = subprocess.run(_submit_argv(cluster, _pipeline_config(output_dir, quality_bundle), "--wait"),
+                            capture_output=True, text=True, env=_client_env(cluster.token), timeout=600)
     return {"result": result, "output_dir": output_dir, "seconds": time.perf_counter() - started}
 
 
@@ -228,14 +239,15 @@ def test_submitted_pipeline_job_finishes(first_run) -> None:
 
 
 @pytest.mark.slow
-def test_job_survives_a_worker_node_dying_mid_run(cluster, first_run, tmp_path_factory) -> None:
-    """SIGKILL the worker node while the job runs something there: Ray retries the lost tasks on the head, and the
-    shards hold exactly the rows of an undisturbed run, each once."""
+def test_job_survives_a_worker_node_dying_mid_run(cluster, first_run, quality_bundle, tmp_path_factory) -> None:
+    """SIGKILL the worker node while the job runs something there: Ray retries the lost tasks on the head (and
+    restarts the quality filter's actor there when it was on the worker), and the shards hold exactly the rows of an
+    undisturbed run, each once."""
     assert first_run["result"].returncode == 0
     output_dir = tmp_path_factory.mktemp("submit") / "run-2"
     started = time.perf_counter()
-    job = subprocess.Popen(_submit_argv(cluster, _pipeline_config(output_dir), "--wait"), stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True, env=_client_env(cluster.token))
+    job = subprocess.Popen(_submit_argv(cluster, _pipeline_config(output_dir, quality_bundle), "--wait"),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_client_env(cluster.token))
     workers = cluster.worker_node_ids()
     killed_during: list[str] | None = None
     past_ingest = None
@@ -243,11 +255,12 @@ def test_job_survives_a_worker_node_dying_mid_run(cluster, first_run, tmp_path_f
         deadline = time.monotonic() + 400
         while killed_during is None and job.poll() is None and time.monotonic() < deadline:
             # Past ingest: kill the worker while the job runs something there, or, if the scheduler keeps it all on
-            # the head for 20 s, anyway: the blocks the worker holds are lost then and must be recomputed.
+            # the head for 5 s, anyway (the quality filter's actor is still starting then): the blocks the worker
+            # holds are lost then and must be recomputed.
             if (output_dir / "stages" / "ingest" / "_STAGE.json").exists():
                 past_ingest = past_ingest or time.monotonic()
                 running = [name for name in cluster.work_on(workers) if not name.startswith("_StatsActor")]
-                if running or time.monotonic() - past_ingest > 20:
+                if running or time.monotonic() - past_ingest > 5:
                     cluster.kill("worker-1")
                     killed_during = running or ["(nothing running there)"]
             time.sleep(0.3)
