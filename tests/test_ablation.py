@@ -65,6 +65,8 @@ def test_an_ablation_run_is_reused_only_for_the_same_budget_and_data(tmp_path: P
         update={"train": TrainConfig(steps=78, batch_size=5)}), "+ROI", 0), eval_cfg)
     other_eval = zero_shot_record(runs, "+ROI", 0, roi, eval_cfg.model_copy(update={"batch_size": 7}))
     assert other_seed.load() is None and other_budget.load() is None and other_eval.load() is None
+    compared = zero_shot_record(runs, "+ROI", 0, roi, eval_cfg.model_copy(update={"compare_prompts": ["label"]}))
+    assert compared.load() is not None, "other prompt sources are extra figures: the arm's record still holds"
     # the dense probe's scores live apart: adding the probe keeps the zero-shot scores, changing it rescores it
     dense = dense_record(runs, "+ROI", 0, roi, DenseConfig())
     assert dense.path == runs / "roi-s0-dense.json" and dense.load() is None and record.load() is not None
@@ -96,6 +98,7 @@ def test_detail_clip_arms_turn_its_terms_on_one_at_a_time_then_change_the_remova
     # DetailCLIP never reads the mask: its zero-shot evaluation gives none, with the recipe's prompts
     scored = variant_eval(EvalConfig(visual_prompt="roi"), configs["CLIP"])
     assert scored.visual_prompt == "none" and scored.prompts == base.recipe.prompts
+    assert variant_eval(EvalConfig(compare_prompts=["label"]), configs["CLIP"]).compare_prompts == []
     assert variant_eval(EvalConfig(), variant_config(TrainJobConfig(), "Red-Circle")).visual_prompt == "red_circle"
 
 

@@ -90,8 +90,8 @@ def variant_config(train: TrainJobConfig, name: str, seed: int | None = None) ->
 
 def variant_eval(cfg: EvalConfig, train: TrainJobConfig) -> EvalConfig:
     """The zero-shot evaluation of an arm: its prompts, and its visual prompt (none for recipes that never read
-    the mask)."""
-    return cfg.model_copy(update={"prompts": train.recipe.prompts,
+    the mask); no comparison with other prompt sources (the arms are the comparison)."""
+    return cfg.model_copy(update={"prompts": train.recipe.prompts, "compare_prompts": [],
                                   "visual_prompt": getattr(train.recipe, "visual_prompt", "none")})
 
 
@@ -146,8 +146,10 @@ def zero_shot_record(folder: Path, name: str, seed: int, train: TrainJobConfig, 
     """Where an arm's zero-shot scores for one seed are kept: valid for the same training and evaluation configs
     and the same test shards (their names, sizes and modification times)."""
     shards = sorted(p for p in Path(eval.data).rglob("*") if p.is_file())
+    # compare_prompts is left out: an arm's evaluation never has it (variant_eval), and records scored before the
+    # field existed stay valid.
     return ScoreRecord(folder / f"{slug(name)}-s{seed}.json", {
-        "train": train.model_dump(mode="json"), "eval": eval.model_dump(mode="json"),
+        "train": train.model_dump(mode="json"), "eval": eval.model_dump(mode="json", exclude={"compare_prompts"}),
         "data": [[str(p.relative_to(eval.data)), p.stat().st_size, p.stat().st_mtime_ns] for p in shards]})
 
 
