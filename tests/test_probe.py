@@ -58,6 +58,22 @@ def test_probe_scores_held_out_rows_and_skips_unlabelled_ones() -> None:
         probe_accuracy(np.zeros((2, 2)), [None, None], np.zeros((1, 2)), ["a"])
 
 
+def test_probe_strength_is_chosen_on_held_out_training_classes_only() -> None:
+    """The L2 strength comes from the grid, is chosen on training classes held out (so the scored rows cannot move
+    it), and a single strength is used as given."""
+    rng = np.random.default_rng(2)
+    values = ["a", "b", "c", "d"]
+    centres = rng.normal(size=(4, 32))
+    train_y = [values[i % 4] for i in range(160)]
+    groups = [f"class{i % 40}" for i in range(160)]  # four renders of each of 40 classes
+    train_x = np.stack([centres[values.index(y)] for y in train_y]) + rng.normal(size=(160, 32))
+    grid = (1e-4, 1e-2, 1.0)
+    chosen = {probe_accuracy(train_x, train_y, rng.normal(size=(n, 32)), [values[i % 4] for i in range(n)], grid,
+                             groups)["regularisation"] for n in (10, 50, 90)}
+    assert len(chosen) == 1 and chosen <= set(grid), chosen
+    assert probe_accuracy(train_x, train_y, train_x, train_y, [0.5])["regularisation"] == 0.5
+
+
 def test_additive_attribute_features_generalise_to_new_combinations() -> None:
     """Features that add one direction per attribute value: the probes, fitted on some combinations, read every
     attribute of combinations they never saw together (what a compositional image tower should give)."""

@@ -5,7 +5,7 @@ demo. Validated wherever a config is read (``ogclip.config.load_yaml_config``)."
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -339,13 +339,16 @@ class ProbeConfig(StrictModel):
     train_class_set: str = "train"
     test_class_set: str = "test"
     train_classes: int | None = Field(
-        default=160, ge=1, description="train classes the probes are fitted on, spread over the attribute values "
-        "(synth.spread_classes with ``seed``); None: all of them (slower: renders_per_class renders each)")
+        default=160, ge=1, description="train classes the image probes are fitted on, spread over the attribute "
+        "values (synth.spread_classes with ``seed``); None: all of them (slower: renders_per_class renders each). "
+        "The text probes always fit on every class of train_class_set")
     renders_per_class: int = Field(default=8, ge=1)
     image_size: int = Field(default=64, ge=16, description="render size (then the bundle's own preprocessing)")
     prompt_seed: int = Field(default=0, description="seed of the graph prompts, as export and evaluation use")
-    regularisation: float = Field(default=0.1, gt=0, description="C of the logistic regression (inverse L2 "
-                                  "strength, on standardised features)")
+    regularisation: list[Annotated[float, Field(ge=0)]] = Field(
+        default=[1e-4, 1e-3, 1e-2], min_length=1, description="L2 strengths on the probe's weights (standardised "
+        "inputs, mean cross-entropy, as in ``ogclip eval dense``); each probe takes the one that scores best on a "
+        "quarter of its training classes held out, then refits on all of them")
     batch_size: int = Field(default=256, ge=1)
     seed: int = 0
 

@@ -23,13 +23,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from threadpoolctl import threadpool_limits
 
 from ogclip.bundle import load_bundle
 from ogclip.models import OGCLIP
 from ogclip.synth import Scene, TargetClass, render_scene, spread_classes
 from ogclip.transforms import image_mask_transform
 from ogclip_jobs.config import DenseConfig
+from ogclip_jobs.probe import fit_linear_probe
 
 _log = logging.getLogger(__name__)
 
@@ -99,31 +99,6 @@ def encode_scenes(model: OGCLIP, scenes: Sequence[Scene], classes: Sequence[Sequ
     if labels[0].shape != (size, size):
         raise ValueError(f"scenes must be rendered at the model's input size {size}, got {tuple(labels[0].shape)}")
     return EncodedScenes(torch.cat(features), torch.stack(labels), instances)
-
-
-def fit_linear_probe(features: torch.Tensor, labels: torch.Tensor, classes: int, regularisation: float,
-                     max_iter: int = 100) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Multinomial logistic regression (standardised inputs, L2 on the weights, full-batch L-BFGS) from rows of
-    ``features`` (N, width) to ``labels`` (N,) in [0, classes); returns ``logits(x)`` for new rows. Deterministic."""
-    x = features.float()
-    mean, std = x.mean(dim=0), x.std(dim=0).clamp_min(1e-6)
-    x = (x - mean) / std
-    weight = torch.zeros(x.shape[1], classes, requires_grad=True)
-    bias = torch.zeros(classes, requires_grad=True)
-    optimiser = torch.optim.LBFGS([weight, bias], max_iter=max_iter, tolerance_grad=1e-6,
-                                  line_search_fn="strong_wolfe")
-    def closure() -> torch.Tensor:
-        optimiser.zero_grad()
-        loss = F.cross_entropy(x @ weight + bias, labels) + regularisation * weight.square().sum()
-        loss.backward()
-        return loss
-
-    # One thread: beside other work on a small machine, two threads spent ~25x longer per step than one (0.9 s
-    # against 0.04 s for a 384-row fit on 2 cores; 1.4 s against 0.9 s for 96,000 rows).
-    with threadpool_limits(limits=1):
-        optimiser.step(closure)
-    weight, bias = weight.detach(), bias.detach()
-    return lambda rows: ((rows.float() - mean) / std) @ weight + bias
 
 
 def predict_pixels(logits: Callable[[torch.Tensor], torch.Tensor], features: torch.Tensor, size: int,
