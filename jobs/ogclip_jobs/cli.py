@@ -97,7 +97,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from ogclip_jobs.config import AblationConfig, DenseConfig, EvalConfig, ProbeConfig
+    from ogclip_jobs.config import AblationConfig, DenseConfig, EvalConfig, ProbeConfig, RetrievalConfig
 
     if args.eval_command and args.mask_modes:
         raise ValueError(f"--mask-modes is an option of `eval` itself, not of `eval {args.eval_command}`")
@@ -121,6 +121,12 @@ def _eval(args: argparse.Namespace) -> int:
         from ogclip_jobs.dense import run_dense
 
         run_dense(dense.model_copy(update=updates))
+        return 0
+    if args.eval_command == "retrieval":
+        retrieval = load_yaml_config(args.config, RetrievalConfig) if args.config else RetrievalConfig()
+        from ogclip_jobs.retrieval import run_retrieval
+
+        run_retrieval(retrieval.model_copy(update=updates))
         return 0
     cfg = load_yaml_config(args.config, EvalConfig) if args.config else EvalConfig()
     if args.mask_modes:
@@ -286,13 +292,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train)
 
     evaluate = commands.add_parser("eval", help="zero-shot evaluation on the unseen classes; `eval ablation`, "
-                                   "`eval probe`, `eval dense`")
-    evaluate.add_argument("eval_command", nargs="?", choices=["ablation", "probe", "dense"],
+                                   "`eval probe`, `eval dense`, `eval retrieval`")
+    evaluate.add_argument("eval_command", nargs="?", choices=["ablation", "probe", "dense", "retrieval"],
                           help="'ablation': train and score the building blocks; 'probe': attribute linear probes of "
                           "the bundle's image and text features; 'dense': a linear per-patch probe (segmentation "
-                          "mIoU on multi-target scenes) beside the zero-shot mAcc")
+                          "mIoU on multi-target scenes) beside the zero-shot mAcc; 'retrieval': image-text "
+                          "Recall@1/5/10 and mR on captioned overhead scenes")
     evaluate.add_argument("--config", type=Path, help="EvalConfig YAML (AblationConfig for `eval ablation`, "
-                          "ProbeConfig for `eval probe`, DenseConfig for `eval dense`)")
+                          "ProbeConfig for `eval probe`, DenseConfig for `eval dense`, RetrievalConfig for "
+                          "`eval retrieval`)")
     evaluate.add_argument("--bundle", type=Path, help="the bundle to evaluate (overrides the config)")
     evaluate.add_argument("--output-dir", type=Path, help="where the reports go (overrides the config)")
     evaluate.add_argument("--mask-modes", help="comma-separated ROI mask modes, e.g. exact,predicted,box "

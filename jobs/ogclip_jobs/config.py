@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from ogclip.config import OGCLIPRecipeConfig, PromptMode, RecipeConfig, StrictModel, VisualPromptName
 
@@ -353,6 +353,15 @@ class ProbeConfig(StrictModel):
     seed: int = 0
 
 
+def _scene_range(value: tuple[int, int]) -> tuple[int, int]:
+    if not 1 <= value[0] <= value[1]:
+        raise ValueError(f"targets_per_scene must be (fewest, most) with 1 <= fewest <= most, got {value}")
+    return value
+
+
+SceneRange = Annotated[tuple[int, int], AfterValidator(_scene_range)]  # targets per rendered scene: (fewest, most)
+
+
 class DenseConfig(StrictModel):
     """``ogclip eval dense``: a linear per-patch probe of a bundle's frozen image tower on multi-target scenes
     (segmentation mIoU, small targets apart), with the bundle's zero-shot mAcc beside it."""
@@ -362,7 +371,7 @@ class DenseConfig(StrictModel):
     class_set: str = Field(default="test", description="the graph class set the scenes' targets come from")
     classes: int | None = Field(default=24, ge=1, description="how many of its classes (synth.spread_classes with "
                                 "``seed``, covering the attribute values evenly); None: all")
-    targets_per_scene: tuple[int, int] = Field(default=(2, 4), description="fewest and most targets per scene")
+    targets_per_scene: SceneRange = Field(default=(2, 4), description="fewest and most targets per scene")
     fit_scenes: int = Field(default=1500, ge=1, description="scenes the probe is fitted on")
     pixels_per_scene: int = Field(default=64, ge=1, description="random pixels of each fitting scene the probe "
                                   "is fitted on (patch features interpolated there)")
@@ -376,12 +385,23 @@ class DenseConfig(StrictModel):
     batch_size: int = Field(default=256, ge=1)
     seed: int = 0
 
-    @field_validator("targets_per_scene")
-    @classmethod
-    def _scene_range(cls, value: tuple[int, int]) -> tuple[int, int]:
-        if not 1 <= value[0] <= value[1]:
-            raise ValueError(f"targets_per_scene must be (fewest, most) with 1 <= fewest <= most, got {value}")
-        return value
+
+class RetrievalConfig(StrictModel):
+    """``ogclip eval retrieval``: image→text and text→image Recall@1/5/10 and mR of a bundle on captioned overhead
+    scenes of a graph class set (see ``ogclip_jobs.retrieval``)."""
+
+    bundle: Path = Path("outputs/train/og-clip/bundle")
+    output_dir: Path = Path("outputs/retrieval")
+    class_set: str = Field(default="test", description="the graph class set the scenes' targets come from")
+    split: Literal["train", "val", "test"] = Field(default="test", description="which deterministic set of scenes")
+    scenes: int = Field(default=500, ge=2, description="images in the gallery (five captions each)")
+    targets_per_scene: SceneRange = Field(default=(2, 5), description="fewest and most targets per scene")
+    image_size: int | None = Field(default=None, ge=16, description="render size; None: the bundle's input size")
+    sub_perspectives: list[Literal["none", "targets"]] = Field(
+        default=["none", "targets"], min_length=1, description="image embeddings scored: the whole image, and the "
+        "whole image fused with every visible target read through its exact mask")
+    batch_size: int = Field(default=256, ge=1)
+    seed: int = 0
 
 
 class AblationConfig(StrictModel):

@@ -54,10 +54,15 @@ def _category(row: dict[str, Any]) -> str:
     return row["categories"][0] if row["categories"] else row["super_category"]
 
 
+def _kind(facts: Mapping[str, Any]) -> str:
+    """'ship' or 'aircraft', as the silhouette says."""
+    return "ship" if str(facts.get("silhouette", "")).endswith("hull") else "aircraft"
+
+
 def appearance(row: dict[str, Any]) -> str:
     """'a large grey aircraft with a swept wing silhouette, two-tone paint and red accents'."""
     facts = _facts(row)
-    kind = "ship" if facts.get("silhouette", "").endswith("hull") else "aircraft"
+    kind = _kind(facts)
     size, colour = facts.get("size_class", ""), facts.get("colour", "")
     text = f"{_article(size or colour or kind)} {' '.join(w for w in (size, colour) if w)} {kind}".replace("  ", " ")
     details = []
@@ -83,7 +88,7 @@ def attribute_prompts(row: dict[str, Any]) -> list[str]:
     be recognised. The accent colour is only visible on patterned paint, so plain paint says so instead.
     """
     facts = _facts(row)
-    kind = "ship" if facts.get("silhouette", "").endswith("hull") else "aircraft"
+    kind = _kind(facts)
     thing = f"{_article(kind)} {kind}"
     prompts = []
     if "silhouette" in facts:
@@ -210,6 +215,71 @@ def embed_classes(model: nn.Module, rows: Sequence[Mapping[str, Any]], mode: str
 
     prompts = prompts_for(rows, mode, seed)
     return prompts, class_embeddings(model, prompts, batch_size)
+
+
+PLACES = {"land": "on an apron", "sea": "in a harbour", "sky": "in the sky"}  # a scene's background, in words
+_NUMBERS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def _where(x: float, y: float) -> str:
+    """A point of the image (fractions from the top left) in words: 'top left', 'bottom', 'centre', ..."""
+    vertical = "top" if y < 1 / 3 else "bottom" if y > 2 / 3 else ""
+    horizontal = "left" if x < 1 / 3 else "right" if x > 2 / 3 else ""
+    return " ".join(w for w in (vertical, horizontal) if w) or "centre"
+
+
+def _relation(a: tuple[float, float], b: tuple[float, float]) -> str:
+    """Where point ``a`` lies relative to ``b``, along the axis they differ most on."""
+    dx, dy = a[0] - b[0], a[1] - b[1]
+    if abs(dx) >= abs(dy):
+        return "left of" if dx < 0 else "right of"
+    return "above" if dy < 0 else "below"
+
+
+def _listing(items: Sequence[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def scene_captions(rows: Sequence[Mapping[str, Any]], centres: Sequence[tuple[float, float]],
+                   areas: Sequence[float], background: str) -> list[str]:
+    """Five captions of one overhead scene from its targets' graph facts (``rows[i]`` for target i) and the layout
+    (``centres[i]`` as fractions of the image from the top left, ``areas[i]`` the visible share; hidden targets are
+    not described), the way retrieval sets caption a picture five times:
+
+    'two aircraft and a ship in a harbour.' (the count and the place), 'a large grey destroyer with striped paint
+    at the top left.' (the largest target), 'a grey destroyer right of a white fighter.' (the two largest, where one
+    lies from the other), 'a grey ship, a white aircraft and a black aircraft.' (the colours), 'a large destroyer, a
+    small fighter and a medium fighter.' (the categories and sizes). Targets are named largest first."""
+    if not len(rows) == len(centres) == len(areas):
+        raise ValueError("scene_captions needs one centre and one area per target")
+    seen = sorted((i for i in range(len(rows)) if areas[i] > 0), key=lambda i: -areas[i])
+    if not seen:
+        raise ValueError("a scene caption needs at least one visible target")
+    facts = [_facts(dict(rows[i])) for i in seen]
+    kinds = [_kind(f) for f in facts]
+    categories = [_category(dict(rows[i])) for i in seen]
+    colours = [f.get("colour", "") for f in facts]
+    sizes = [f.get("size_class", "") for f in facts]
+
+    def count(kind: str, plural: str) -> str | None:
+        n = kinds.count(kind)
+        return None if n == 0 else f"{_article(kind)} {kind}" if n == 1 else f"{_NUMBERS[min(n, 9)]} {plural}"
+
+    counted = [c for c in (count("aircraft", "aircraft"), count("ship", "ships")) if c]
+    where = PLACES.get(background, f"over {background}")
+    first = f"{_article(sizes[0] or colours[0])} {' '.join(w for w in (sizes[0], colours[0]) if w)} {categories[0]}"
+    pattern = facts[0].get("pattern", "plain")
+    largest = first + (f" with {pattern} paint" if pattern != "plain" else "")
+    described = [f"{_article(colours[k])} {colours[k]} {categories[k]}" for k in range(min(2, len(seen)))]
+    relation = (f"{described[0]} {_relation(centres[seen[0]], centres[seen[1]])} {described[1]}." if len(seen) > 1
+                else f"{described[0]} alone {where}.")
+    return [
+        f"{_listing(counted)} {where}.",
+        f"{largest} at the {_where(*centres[seen[0]])}.",
+        relation,
+        _listing([f"{_article(c)} {c} {k}" for c, k in zip(colours, kinds, strict=True)]) + ".",
+        _listing([f"{_article(s)} {s} {c}" for s, c in zip(sizes, categories, strict=True)]) + ".",
+    ]
 
 
 def vlm_prompt(row: dict[str, Any]) -> str:

@@ -243,26 +243,30 @@ def render(target: TargetClass, seed: int, size: int = 64) -> Render:
 class Scene:
     """Several targets in one image. ``labels`` (H, W) int16 holds 0 for background and ``i + 1`` where target
     ``i`` is visible (later targets are drawn over earlier ones); ``areas[i]`` is target i's visible share of the
-    image."""
+    image and ``centres[i]`` where it was placed, (x, y) as fractions of the image side from the top left."""
 
     image: Image.Image
     labels: np.ndarray
     targets: tuple[TargetClass, ...]
     background: str
     areas: tuple[float, ...]
+    centres: tuple[tuple[float, float], ...]
 
 
 
-def render_scene(targets: Sequence[TargetClass], seed: int, size: int = 64) -> Scene:
-    """Draw ``targets`` together on one background (one of the first target's); deterministic in (targets, seed,
-    size). Each target gets a random pose and a scale like a single render's (sometimes far away) times
-    ``SCENE_SCALE``; centres are drawn until the target's circle keeps clear of the ones placed before it (at most
-    20 tries, then it may overlap and hide part of them, as in a crowded scene)."""
+def render_scene(targets: Sequence[TargetClass], seed: int, size: int = 64, background: str | None = None) -> Scene:
+    """Draw ``targets`` together on one background (``background``, else one of the first target's); deterministic
+    in (targets, seed, size, background). Each target gets a random pose and a scale like a single render's
+    (sometimes far away); centres are drawn until the target's circle keeps clear of the ones placed before it (at
+    most 20 tries, then it may overlap and hide part of them, as in a crowded scene)."""
     if not targets:
         raise ValueError("a scene needs at least one target")
     rng = np.random.default_rng(seed)
     first = targets[0]
-    background = first.backgrounds[int(rng.integers(len(first.backgrounds)))]
+    drawn = first.backgrounds[int(rng.integers(len(first.backgrounds)))]
+    background = background or drawn
+    if background not in BACKGROUNDS:
+        raise ValueError(f"unknown background {background!r}; expected one of {sorted(BACKGROUNDS)}")
     image = _cluttered_background(rng, background, size)
     labels = np.zeros((size, size), dtype=np.int16)
     placed: list[tuple[float, float, float]] = []
@@ -278,4 +282,6 @@ def render_scene(targets: Sequence[TargetClass], seed: int, size: int = 64) -> S
         labels[inside] = index
     image = ImageEnhance.Brightness(image).enhance(rng.uniform(0.75, 1.25))
     areas = tuple(float((labels == i).mean()) for i in range(1, len(targets) + 1))
-    return Scene(image=image, labels=labels, targets=tuple(targets), background=background, areas=areas)
+    centres = tuple((float(x / size), float(y / size)) for x, y, _ in placed)
+    return Scene(image=image, labels=labels, targets=tuple(targets), background=background, areas=areas,
+                 centres=centres)
