@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from ogclip.segment import CpuSegmenter
 from ogclip.synth import TargetClass, render_scene
 from ogclip_jobs.config import RetrievalConfig
 from ogclip_jobs.retrieval import caption_embeddings, overhead_scenes, recalls, scene_embeddings
@@ -108,6 +109,25 @@ def test_scene_centres_follow_the_placed_targets() -> None:
         render_scene(targets, seed=0, background="moon")
 
 
+def test_the_cpu_segmenter_finds_the_targets_of_a_scene() -> None:
+    targets = [TargetClass.from_facts(ROWS[k]) for k in ("f1", "b1", "d1")]
+    found = missed = 0
+    for seed in range(12):
+        scene = render_scene(targets, seed=seed, size=96, background="land")
+        regions = CpuSegmenter().regions(scene.image, min_area=0.005)
+        areas = [float(r.mean()) for r in regions]
+        assert areas == sorted(areas, reverse=True) and all(a >= 0.005 for a in areas)
+        for i in range(len(targets)):
+            inside = scene.labels == i + 1
+            if scene.areas[i] < 0.02:
+                continue
+            if any((inside & region).sum() >= 0.5 * inside.sum() for region in regions):
+                found += 1
+            else:
+                missed += 1
+    assert found >= 3 * missed, (found, missed)  # a detector, not an oracle: most large targets, not all
+
+
 def test_embeddings_are_normalised_and_targets_read_the_masks(micro_minilm) -> None:
     scenes = [scene for scene, _ in overhead_scenes(ROWS, 4, (2, 3), seed=1, split="test", size=32)]
     model = copy.deepcopy(micro_minilm)  # the shared fixture stays as it is
@@ -115,10 +135,11 @@ def test_embeddings_are_normalised_and_targets_read_the_masks(micro_minilm) -> N
     with torch.no_grad():  # a mask-reading model: a non-zero ROI conv, so the targets change the embedding
         model.visual.conv1.roi.weight.normal_(0, 0.5)
     whole = scene_embeddings(model, scenes, "none")
-    fused = scene_embeddings(model, scenes, "targets")
-    assert whole.shape == fused.shape == (4, model.dims[-1])
-    assert torch.allclose(whole.norm(dim=-1), torch.ones(4)) and torch.allclose(fused.norm(dim=-1), torch.ones(4))
-    assert (whole - fused).abs().max() > 1e-3
+    for mode in ("targets", "segmenter"):
+        fused = scene_embeddings(model, scenes, mode)
+        assert whole.shape == fused.shape == (4, model.dims[-1])
+        assert torch.allclose(fused.norm(dim=-1), torch.ones(4)) and (whole - fused).abs().max() > 1e-3
+    assert torch.allclose(whole.norm(dim=-1), torch.ones(4))
     texts = caption_embeddings(model, ["two aircraft on an apron.", "a ship."])
     assert texts.shape == (2, model.dims[-1]) and torch.allclose(texts.norm(dim=-1), torch.ones(2))
     with pytest.raises(ValueError, match="sub-perspective"):
@@ -137,7 +158,8 @@ def test_retrieval_command_writes_its_table(tmp_path: Path, micro_minilm, graph,
     printed = capsys.readouterr().err
     assert "| image embedding | I→T R@1 | I→T R@5 | I→T R@10 | T→I R@1 | T→I R@5 | T→I R@10 | mR |" in printed
     result = json.loads((tmp_path / "retrieval" / "retrieval.json").read_text())
-    assert result["model_version"] == bundle.model_version and set(result["sub_perspectives"]) == {"none", "targets"}
+    assert result["model_version"] == bundle.model_version
+    assert set(result["sub_perspectives"]) == {"none", "targets", "segmenter"}
     assert result["counts"]["images"] == 12 and result["counts"]["texts"] == 60
     for scores in result["sub_perspectives"].values():
         assert all(0.0 <= v <= 100.0 for v in scores.values()) and scores["i2t_r10"] >= scores["i2t_r1"]

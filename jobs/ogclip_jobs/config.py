@@ -397,9 +397,10 @@ class RetrievalConfig(StrictModel):
     scenes: int = Field(default=500, ge=2, description="images in the gallery (five captions each)")
     targets_per_scene: SceneRange = Field(default=(2, 5), description="fewest and most targets per scene")
     image_size: int | None = Field(default=None, ge=16, description="render size; None: the bundle's input size")
-    sub_perspectives: list[Literal["none", "targets"]] = Field(
-        default=["none", "targets"], min_length=1, description="image embeddings scored: the whole image, and the "
-        "whole image fused with every visible target read through its exact mask")
+    sub_perspectives: list[Literal["none", "targets", "segmenter"]] = Field(
+        default=["none", "targets", "segmenter"], min_length=1, description="image embeddings scored: the whole "
+        "image; the whole image fused with every visible target read through its exact mask; the same with every "
+        "region the CPU segmenter finds instead")
     batch_size: int = Field(default=256, ge=1)
     seed: int = 0
 

@@ -12,9 +12,10 @@ recalls (K = 1, 5, 10). Ranking is by cosine similarity of the full-size embeddi
 
 Image embeddings come from the image alone, under each configured sub-perspective: ``none`` is the whole image
 (no mask, no ROI zoom); ``targets`` also reads every visible target through its exact mask (the renderer's, i.e. a
-perfect detector, never anything derived from the captions) and fuses the mean of those embeddings with the whole
-image's as MPS-CLIP's inference does, normalize(g + r). Every recipe's bundle is scored the same way, so OG-CLIP,
-DetailCLIP and MPS-CLIP share one table.
+perfect detector) and ``segmenter`` every region the weight-free CPU segmenter finds (``CpuSegmenter.regions``),
+and each fuses the mean of those embeddings with the whole image's as MPS-CLIP's inference does, normalize(g + r);
+a scene where nothing is found keeps g. Nothing is derived from the captions. Every recipe's bundle is scored the
+same way, so OG-CLIP, DetailCLIP and MPS-CLIP share one table.
 """
 
 from __future__ import annotations
@@ -70,10 +71,23 @@ def overhead_scenes(rows: Mapping[str, Mapping[str, Any]], count: int, per_scene
     return out
 
 
+def sub_perspective_masks(scene: Scene, sub_perspective: str) -> list[np.ndarray]:
+    """The boolean masks a scene is also read through under ``sub_perspective`` (none for ``none``)."""
+    if sub_perspective == "none":
+        return []
+    if sub_perspective == "targets":
+        return [scene.labels == i + 1 for i in range(len(scene.targets)) if scene.areas[i] > 0]
+    if sub_perspective == "segmenter":
+        from ogclip.segment import CpuSegmenter
+
+        return CpuSegmenter().regions(scene.image)
+    raise ValueError(f"unknown sub-perspective {sub_perspective!r}; expected 'none', 'targets' or 'segmenter'")
+
+
 @torch.no_grad()
 def scene_embeddings(model: OGCLIP, scenes: Sequence[Scene], sub_perspective: str, batch_size: int = 256) -> Tensor:
-    """L2-normalised full-size image embeddings of ``scenes`` under ``sub_perspective`` (``none`` or ``targets``,
-    see the module docstring), (len(scenes), D)."""
+    """L2-normalised full-size image embeddings of ``scenes`` under ``sub_perspective`` (see the module docstring),
+    (len(scenes), D)."""
     transform = image_mask_transform(model.cfg.preprocess)
     model.eval()
 
@@ -86,19 +100,14 @@ def scene_embeddings(model: OGCLIP, scenes: Sequence[Scene], sub_perspective: st
             out.append(F.normalize(model.image_features(images, masks).float(), dim=-1).cpu())
         return torch.cat(out)
 
+    masks = [sub_perspective_masks(scene, sub_perspective) for scene in scenes]
     whole = encode([(scene.image, None) for scene in scenes])
-    if sub_perspective == "none":
+    items = [(scene.image, (mask * 255).astype(np.uint8)) for scene, found in zip(scenes, masks, strict=True)
+             for mask in found]
+    if not items:
         return whole
-    if sub_perspective != "targets":
-        raise ValueError(f"unknown sub-perspective {sub_perspective!r}; expected 'none' or 'targets'")
-    items, owner = [], []
-    for s, scene in enumerate(scenes):
-        for i in range(len(scene.targets)):
-            if scene.areas[i] > 0:
-                items.append((scene.image, ((scene.labels == i + 1) * 255).astype(np.uint8)))
-                owner.append(s)
-    per_target = encode(items)
-    mean = torch.zeros_like(whole).index_add_(0, torch.tensor(owner), per_target)
+    owner = torch.tensor([s for s, found in enumerate(masks) for _ in found])
+    mean = torch.zeros_like(whole).index_add_(0, owner, encode(items))  # zero where nothing was found: g alone
     return F.normalize(whole + F.normalize(mean, dim=-1), dim=-1)
 
 
@@ -145,7 +154,7 @@ def retrieval_markdown(name: str, result: dict[str, Any]) -> str:
             "graph facts and the layout). Recall@K in %; I→T: any of the image's captions in the top K, T→I: the "
             f"caption's image in the top K; mR: the mean of the six. Chance: R@1 ≈ {100 / counts['images']:.1f}% "
             "(T→I). `none`: the whole image; `targets`: fused with every visible target read through its exact "
-            "mask.\n\n" + "\n".join(lines) + "\n")
+            "mask; `segmenter`: with every region the CPU segmenter finds.\n\n" + "\n".join(lines) + "\n")
 
 
 def run_retrieval(cfg: RetrievalConfig, log: Callable[[str], None] = _log.info) -> dict[str, Any]:

@@ -57,7 +57,8 @@ class CpuSegmenter:
     """A weight-free segmenter: the target is what differs from the image border's colours, near the centre.
 
     Pixels far (in colour) from every border colour cluster are foreground candidates (Otsu threshold on that
-    distance); of the connected components, the one nearest the image centre is the target, holes filled. No
+    distance); of the connected components, the one nearest the image centre is the target, holes filled
+    (:meth:`regions` keeps every large enough component instead: a detector of all the targets in a scene). No
     model, so it runs anywhere; its IoU against ground truth is reported by the pipeline.
     """
 
@@ -74,8 +75,29 @@ class CpuSegmenter:
                 else np.zeros((bottom - top, right - left), dtype=bool)
             mask[top:bottom, left:right] = inner if inner.any() else True
             return mask
+        components, count = self._foreground(image)
+        height, width = components.shape
+        if count == 0:
+            return np.zeros((height, width), dtype=bool)
+        ys, xs = np.mgrid[0:height, 0:width]
+        centre_distance = ndimage.minimum(np.hypot(ys - height / 2, xs - width / 2), components,
+                                          index=np.arange(1, count + 1))
+        sizes = ndimage.sum(np.ones(components.shape), components, index=np.arange(1, count + 1))
+        score = np.asarray(centre_distance) - 0.05 * np.sqrt(np.asarray(sizes))
+        chosen = int(np.argmin(score)) + 1
+        return ndimage.binary_fill_holes(components == chosen)
+
+    def regions(self, image: Image.Image, min_area: float = 0.005) -> list[np.ndarray]:
+        """Every foreground region of at least ``min_area`` of the image, holes filled, largest first: the
+        segmenter as a weight-free detector of all the targets in a scene."""
+        components, count = self._foreground(image)
+        sizes = np.asarray(ndimage.sum(np.ones(components.shape), components, index=np.arange(1, count + 1)))
+        order = [int(i) + 1 for i in np.argsort(-sizes, kind="stable") if sizes[i] >= min_area * components.size]
+        return [ndimage.binary_fill_holes(components == label) for label in order]
+
+    def _foreground(self, image: Image.Image) -> tuple[np.ndarray, int]:
+        """The connected components (label map, count) of the pixels far in colour from every border colour."""
         pixels = np.asarray(image, dtype=np.float32)
-        height, width, _ = pixels.shape
         border = np.concatenate([pixels[:2].reshape(-1, 3), pixels[-2:].reshape(-1, 3),
                                  pixels[:, :2].reshape(-1, 3), pixels[:, -2:].reshape(-1, 3)])
         centres = border[np.linspace(0, len(border) - 1, self.clusters).astype(int)]
@@ -84,17 +106,8 @@ class CpuSegmenter:
             centres = np.stack([border[nearest == k].mean(0) if (nearest == k).any() else centres[k]
                                 for k in range(len(centres))])
         distance = np.sqrt(((pixels[:, :, None] - centres[None, None]) ** 2).sum(-1)).min(-1)
-        threshold = _otsu(distance)
-        components, count = ndimage.label(distance > threshold)
-        if count == 0:
-            return np.zeros((height, width), dtype=bool)
-        ys, xs = np.mgrid[0:height, 0:width]
-        centre_distance = ndimage.minimum(np.hypot(ys - height / 2, xs - width / 2), components,
-                                          index=np.arange(1, count + 1))
-        sizes = ndimage.sum(np.ones_like(distance), components, index=np.arange(1, count + 1))
-        score = np.asarray(centre_distance) - 0.05 * np.sqrt(np.asarray(sizes))
-        chosen = int(np.argmin(score)) + 1
-        return ndimage.binary_fill_holes(components == chosen)
+        components, count = ndimage.label(distance > _otsu(distance))
+        return components, int(count)
 
 
 class Sam2Segmenter:
