@@ -13,7 +13,6 @@ global embedding shows up in the same table.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -206,7 +205,7 @@ def dense_markdown(name: str, result: dict[str, Any], cfg: DenseConfig) -> str:
 def run_dense(cfg: DenseConfig, log: Callable[[str], None] = _log.info) -> dict[str, Any]:
     """``ogclip eval dense``: load the bundle, probe its patch features on scenes, score zero-shot beside them, write
     ``dense.{md,json}``."""
-    from ogclip_jobs.evaluate import class_set_rows, eval_classes, evaluate_model
+    from ogclip_jobs.evaluate import class_set_rows, eval_classes, evaluate_model, write_report
     from ogclip_jobs.runtime import open_graph
 
     started = time.perf_counter()
@@ -225,12 +224,5 @@ def run_dense(cfg: DenseConfig, log: Callable[[str], None] = _log.info) -> dict[
         result["zero_shot_macc"] = evaluate_model(model, zero_shot_rows, cfg.zero_shot)["macc"]
     result["config"] = cfg.model_dump(mode="json")
     result["seconds"] = round(time.perf_counter() - started, 1)
-    cfg.output_dir.mkdir(parents=True, exist_ok=True)
-    markdown = dense_markdown(info.model_version, result, cfg)
-    (cfg.output_dir / "dense.json").write_text(json.dumps(result, indent=2))
-    (cfg.output_dir / "dense.md").write_text(markdown)
-    for line in markdown.splitlines():
-        if line.startswith("|"):
-            log(line)
-    log(f"dense probe in {result['seconds']:.0f}s; {cfg.output_dir / 'dense.md'}")
+    write_report(cfg.output_dir, "dense", result, dense_markdown(info.model_version, result, cfg), log, "dense probe")
     return result

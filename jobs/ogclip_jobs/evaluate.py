@@ -394,6 +394,19 @@ def _fmt(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}%"
 
 
+def write_report(folder: Path, name: str, result: dict[str, Any], markdown: str, log: Callable[[str], None],
+                 what: str) -> None:
+    """``{name}.json`` (``result``) and ``{name}.md`` under ``folder``; the Markdown's table logged a line at a time
+    (callers may indent each), then how long ``what`` took (``result["seconds"]``) and where its report is."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps(result, indent=2))
+    (folder / f"{name}.md").write_text(markdown)
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            log(line)
+    log(f"{what} in {result['seconds']:.0f}s; {folder / f'{name}.md'}")
+
+
 def run_evaluation(cfg: EvalConfig, log: Callable[[str], None] = _log.info) -> dict[str, Any]:
     """``ogclip eval``: load the bundle, score it, write ``report.{md,json}`` and ``macc_by_dim.png``."""
     from ogclip_jobs.runtime import open_graph

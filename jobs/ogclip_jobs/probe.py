@@ -15,7 +15,6 @@ the image tower, not the prompts, is what limits zero-shot.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from collections import Counter
@@ -189,7 +188,7 @@ def probe_markdown(name: str, result: dict[str, Any]) -> str:
 
 def run_probe(cfg: ProbeConfig, log: Callable[[str], None] = _log.info) -> dict[str, Any]:
     """``ogclip eval probe``: load the bundle, probe its image and text features, write ``probe.{md,json}``."""
-    from ogclip_jobs.evaluate import class_set_rows
+    from ogclip_jobs.evaluate import class_set_rows, write_report
     from ogclip_jobs.runtime import open_graph
     from ogclip_kg.prompts import prompts_for
 
@@ -245,12 +244,5 @@ def run_probe(cfg: ProbeConfig, log: Callable[[str], None] = _log.info) -> dict[
     }
     result["seconds"] = round(time.perf_counter() - started, 1)
     result["phase_seconds"] = phases
-    cfg.output_dir.mkdir(parents=True, exist_ok=True)
-    markdown = probe_markdown(info.model_version, result)
-    (cfg.output_dir / "probe.json").write_text(json.dumps(result, indent=2))
-    (cfg.output_dir / "probe.md").write_text(markdown)
-    for line in markdown.splitlines():
-        if line.startswith("|"):  # the table, a line at a time (callers may indent each)
-            log(line)
-    log(f"attribute probes in {result['seconds']:.0f}s; {cfg.output_dir / 'probe.md'}")
+    write_report(cfg.output_dir, "probe", result, probe_markdown(info.model_version, result), log, "attribute probes")
     return result

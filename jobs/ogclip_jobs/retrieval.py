@@ -21,7 +21,6 @@ same way, so OG-CLIP, DetailCLIP and MPS-CLIP share one table.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -160,7 +159,7 @@ def retrieval_markdown(name: str, result: dict[str, Any]) -> str:
 def run_retrieval(cfg: RetrievalConfig, log: Callable[[str], None] = _log.info) -> dict[str, Any]:
     """``ogclip eval retrieval``: load the bundle, render and caption the scenes, rank, write
     ``retrieval.{md,json}``."""
-    from ogclip_jobs.evaluate import class_set_rows
+    from ogclip_jobs.evaluate import class_set_rows, write_report
     from ogclip_jobs.runtime import open_graph
 
     started = time.perf_counter()
@@ -181,12 +180,6 @@ def run_retrieval(cfg: RetrievalConfig, log: Callable[[str], None] = _log.info) 
     result["examples"] = {"captions": scenes[0][1]}
     result["config"] = cfg.model_dump(mode="json")
     result["seconds"] = round(time.perf_counter() - started, 1)
-    cfg.output_dir.mkdir(parents=True, exist_ok=True)
-    markdown = retrieval_markdown(info.model_version, result)
-    (cfg.output_dir / "retrieval.json").write_text(json.dumps(result, indent=2))
-    (cfg.output_dir / "retrieval.md").write_text(markdown)
-    for line in markdown.splitlines():
-        if line.startswith("|"):
-            log(line)
-    log(f"retrieval in {result['seconds']:.0f}s; {cfg.output_dir / 'retrieval.md'}")
+    write_report(cfg.output_dir, "retrieval", result, retrieval_markdown(info.model_version, result), log,
+                 "retrieval")
     return result
