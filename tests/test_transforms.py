@@ -114,3 +114,29 @@ def test_zoom_keeps_relative_size() -> None:
     assert areas == pytest.approx([(16 / 64) ** 2, (32 / 64) ** 2], abs=0.01)
     image, mask = transform(Image.new("RGB", (64, 64)), None)  # no mask: the whole frame, all ones
     assert torch.equal(mask, torch.ones(1, 64, 64))
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_evaluation_transform_equals_torchvisions_pipeline(interpolation: str) -> None:
+    """The evaluation path calls torchvision's kernels directly: bit for bit what Resize, CenterCrop, ToDtype and
+    Normalize give through v2.Compose (on the window the ROI zoom cuts)."""
+    from torchvision import tv_tensors
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import v2 as T
+
+    rng = np.random.default_rng(0)
+    for size, (height, width) in ((64, (64, 64)), (32, (50, 80)), (96, (130, 200))):
+        cfg = PreprocessConfig(image_size=size, roi_zoom=1.0, interpolation=interpolation)
+        mode = InterpolationMode.BICUBIC if interpolation == "bicubic" else InterpolationMode.BILINEAR
+        reference = T.Compose([T.Resize(size, interpolation=mode, antialias=True), T.CenterCrop(size),
+                               T.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.float32,
+                                          "others": None}, scale=True),
+                               T.Normalize(mean=list(cfg.mean), std=list(cfg.std))])
+        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        mask = (rng.random((height, width)) > 0.6).astype(np.uint8) * 255
+        image, out_mask = image_mask_transform(cfg)(Image.fromarray(pixels), mask)
+        want_image, want_mask = reference(tv_tensors.Image(torch.from_numpy(pixels).permute(2, 0, 1)),
+                                          tv_tensors.Mask(torch.from_numpy(mask / 255.0).float()[None]))
+        assert torch.equal(image, want_image.as_subclass(torch.Tensor))
+        assert torch.equal(out_mask, want_mask.as_subclass(torch.Tensor))
+        assert type(image) is torch.Tensor and type(out_mask) is torch.Tensor
