@@ -47,7 +47,7 @@ SCENE_KINDS = (("aircraft", "land"), ("ship", "sea"), ("mixed", "sea"))
 def overhead_scenes(rows: Mapping[str, Mapping[str, Any]], count: int, per_scene: tuple[int, int], seed: int,
                     split: str, size: int) -> list[tuple[Scene, list[str]]]:
     """``count`` scenes of ``rows``' classes (class key → graph facts) with five captions each; scene ``i`` is of
-    kind ``SCENE_KINDS[i % 3]`` (a kind the class set has no target for falls back to mixed). Deterministic in
+    kind ``SCENE_KINDS[i % 3]`` (a kind the class set has too few targets for draws from all of them). Deterministic in
     (rows, count, per_scene, seed, split, size); the splits never share a render seed."""
     from ogclip_kg.prompts import scene_captions
 
@@ -55,18 +55,19 @@ def overhead_scenes(rows: Mapping[str, Mapping[str, Any]], count: int, per_scene
     targets = {key: TargetClass.from_facts(dict(rows[key])) for key in keys}
     ships = [k for k in keys if targets[k].silhouette.endswith("hull")]
     pools = {"aircraft": [k for k in keys if k not in ships], "ship": ships, "mixed": keys}
-    out = []
-    for index in range(count):
+    out: list[tuple[Scene, list[str]]] = []
+    index = 0
+    while len(out) < count:
         digest = hashlib.sha256(f"retrieval:{seed}:{split}:{index}".encode()).digest()
+        index += 1
         rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
-        kind, background = SCENE_KINDS[index % len(SCENE_KINDS)]
+        kind, background = SCENE_KINDS[len(out) % len(SCENE_KINDS)]
         pool = pools[kind] if len(pools[kind]) >= per_scene[0] else keys
         chosen = [pool[i] for i in rng.choice(len(pool), size=min(int(rng.integers(per_scene[0], per_scene[1] + 1)),
                                                                    len(pool)), replace=False)]
         scene = render_scene([targets[k] for k in chosen], int.from_bytes(digest[8:16], "little"), size, background)
-        if not any(scene.areas):  # every target hidden: nothing to caption (vanishingly rare), draw the next one
-            continue
-        out.append((scene, scene_captions([rows[k] for k in chosen], scene.centres, scene.areas, background)))
+        if any(scene.areas):  # every target hidden (vanishingly rare): nothing to caption, the next draw replaces it
+            out.append((scene, scene_captions([rows[k] for k in chosen], scene.centres, scene.areas, background)))
     return out
 
 
