@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(PY) bench/data.py
 	$(PY) bench/train.py
 	$(PY) bench/serve.py
+	$(PY) bench/retrieval.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

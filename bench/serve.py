@@ -47,26 +47,29 @@ TOKEN = "bench-token-0123456789abcdef"
 LEVELS = (1, 8, 32)
 
 
-def _summary(latencies_ms: list[float], wall_s: float) -> dict[str, float]:
+def summary(latencies_ms: list[float], wall_s: float) -> dict[str, float]:
     ordered = sorted(latencies_ms)
     return {"requests": len(ordered), "rps": len(ordered) / wall_s, "p50_ms": statistics.median(ordered),
             "p99_ms": ordered[min(len(ordered) - 1, int(round(0.99 * (len(ordered) - 1))))]}
 
 
-async def _load(url: str, payload: dict[str, Any], concurrency: int, total: int) -> dict[str, float]:
-    """``total`` requests from ``concurrency`` clients, each sending its next request when the last one returns."""
+async def load(url: str, payload: dict[str, Any] | list[dict[str, Any]], concurrency: int, total: int
+               ) -> dict[str, float]:
+    """``total`` requests from ``concurrency`` clients, each sending its next request when the last one returns;
+    a list of payloads is sent in turn."""
     import aiohttp
 
     latencies: list[float] = []
     errors = 0
     remaining = total
     headers = {"Authorization": f"Bearer {TOKEN}"}
-    body = json.dumps(payload).encode()
+    bodies = [json.dumps(p).encode() for p in (payload if isinstance(payload, list) else [payload])]
 
     async def client(session: aiohttp.ClientSession) -> None:
         nonlocal remaining, errors
         while remaining > 0:
             remaining -= 1
+            body = bodies[remaining % len(bodies)]
             started = time.perf_counter()
             async with session.post(url, data=body, headers={**headers, "Content-Type": "application/json"}) as r:
                 await r.read()
@@ -79,7 +82,7 @@ async def _load(url: str, payload: dict[str, Any], concurrency: int, total: int)
         started = time.perf_counter()
         await asyncio.gather(*(client(session) for _ in range(concurrency)))
         wall = time.perf_counter() - started
-    result = _summary(latencies, wall)
+    result = summary(latencies, wall)
     result["errors"] = errors
     return result
 
@@ -133,13 +136,13 @@ async def _flood(url: str, ready_url: str, payload: dict[str, Any], clients: int
               "ready_statuses": {str(k): ready.count(k) for k in sorted(set(ready))}}  # 0: no answer within 5 s
     if admitted:
         ordered = sorted(admitted)
-        result.update(_summary(ordered, wall), max_ms=ordered[-1])
+        result.update(summary(ordered, wall), max_ms=ordered[-1])
     if refused:
         result["refused_p50_ms"] = statistics.median(refused)
     return result
 
 
-def _noop_app() -> Any:
+def noop_app() -> Any:
     """A Serve app that reads the request body and answers a small JSON: the cost of HTTP and Serve alone."""
     from ray import serve
 
@@ -152,7 +155,7 @@ def _noop_app() -> Any:
     return Noop.bind()
 
 
-def _start_serve(stack: ExitStack, home: Path, settings: Any) -> int:
+def start_serve(stack: ExitStack, home: Path, settings: Any) -> int:
     """Local Ray Serve on a free port of 127.0.0.1, its replicas pointed at the benchmark's graph; returns the port."""
     import ray
     from ray import serve
@@ -172,6 +175,48 @@ def _start_serve(stack: ExitStack, home: Path, settings: Any) -> int:
     return port
 
 
+def start_graph(stack: ExitStack) -> tuple[Path, Any, Any]:
+    """An embedded graph server of the benchmark's own (temporary folder, free ports), its schema migrated."""
+    from ogclip.settings import Settings, free_ports
+    from ogclip_kg import server
+    from ogclip_kg.schema import migrate
+    from ogclip_kg.store import GraphStore
+
+    home = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+    bolt_port, http_port = free_ports(2)
+    settings = Settings(home=home, kg_bolt_port=bolt_port, kg_http_port=http_port, neo4j_uri=None,
+                        neo4j_password=None)
+    server.up(settings)
+    stack.callback(server.down, settings)
+    store = stack.enter_context(GraphStore.from_settings(settings))
+    migrate(store)
+    return home, settings, store
+
+
+def bundle_with_classes(store: Any, home: Path, classes: int) -> tuple[Any, Any, list[str], torch.Tensor]:
+    """A fresh og-clip-tiny bundle and ``classes`` classes in the class set ``bench``, their embeddings (each
+    label prompt through the bundle's own text tower) written under its version, as the export step does."""
+    from ogclip.bundle import export_bundle
+    from ogclip.models import create_model
+    from ogclip.zeroshot import class_embeddings
+
+    torch.manual_seed(0)
+    model = create_model("og-clip-tiny", device="cpu").eval()
+    bundle = export_bundle(model, home / "bundle")
+    keys = [f"bench-class-{i:05d}" for i in range(classes)]
+    store.upsert("Target", [{"key": k, "props": {"name": f"bench class {i}", "super_category": "civilian/other"}}
+                            for i, k in enumerate(keys)])
+    store.upsert("ClassSet", [{"key": CLASS_SET, "props": {"size": len(keys)}}])
+    store.link("Target", "IN_CLASS_SET", "ClassSet", [{"from": k, "to": CLASS_SET, "props": {}} for k in keys])
+    started = time.perf_counter()
+    prompts = {k: [f"a photo of a bench class {i}."] for i, k in enumerate(keys)}
+    vectors = class_embeddings(model, prompts)
+    store.write_embeddings(bundle.model_version, {k: v.tolist() for k, v in zip(keys, vectors, strict=True)}, prompts)
+    print(f"bundle {bundle.model_version}; {len(keys)} class embeddings written in "
+          f"{time.perf_counter() - started:.1f}s")
+    return model, bundle, keys, vectors
+
+
 def overload(stack: ExitStack, home: Path, settings: Any, base: Any, clients: int, seconds: float) -> dict[str, Any]:
     """Admission control under ``clients`` back-to-back clients: the latency budget on, then off (the baseline)."""
     from ray import serve
@@ -185,7 +230,7 @@ def overload(stack: ExitStack, home: Path, settings: Any, base: Any, clients: in
     payload = {"images": [{"image": base64.b64encode(png_bytes(sample.image)).decode(),
                            "mask": base64.b64encode(png_bytes(sample.mask)).decode()}],
                "class_set": CLASS_SET, "top_k": 5}
-    port = _start_serve(stack, home, settings)
+    port = start_serve(stack, home, settings)
     cfg = serve_config(base)
     one_replica = cfg.deployment.model_copy(update={"autoscaling": ServeAutoscalingConfig(min_replicas=1,
                                                                                           max_replicas=1)})
@@ -198,7 +243,7 @@ def overload(stack: ExitStack, home: Path, settings: Any, base: Any, clients: in
             update={"latency_budget_s": app_budget})})
         serve.run(build_app(app), name=route[1:], route_prefix=route)
         url = f"http://127.0.0.1:{port}{route}"
-        asyncio.run(_load(f"{url}/v1/classify", payload, 4, 40))  # warm-up
+        asyncio.run(load(f"{url}/v1/classify", payload, 4, 40))  # warm-up
         for clients_do in ("honour Retry-After", "re-send at once"):
             report[f"{name}, {clients_do}"] = asyncio.run(_flood(
                 f"{url}/v1/classify", f"{url}/readyz", payload, clients, seconds, clients_do.startswith("honour")))
@@ -234,16 +279,9 @@ def main() -> None:
 
     from ray import serve
 
-    from ogclip.bundle import export_bundle
-    from ogclip.models import create_model
-    from ogclip.settings import Settings, free_ports
     from ogclip.synth import TargetClass, render
     from ogclip.transforms import image_mask_transform
-    from ogclip.zeroshot import class_embeddings
     from ogclip_jobs.data.images import png_bytes
-    from ogclip_kg import server
-    from ogclip_kg.schema import migrate
-    from ogclip_kg.store import GraphStore
     from ogclip_serve.app import build_app, image_features
     from ogclip_serve.config import (
         ServeAutoscalingConfig,
@@ -258,30 +296,8 @@ def main() -> None:
     report: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                                           "cuda": torch.cuda.is_available()}}
     with ExitStack() as stack:
-        home = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        bolt_port, http_port = free_ports(2)
-        settings = Settings(home=home, kg_bolt_port=bolt_port, kg_http_port=http_port, neo4j_uri=None,
-                            neo4j_password=None)
-        server.up(settings)
-        stack.callback(server.down, settings)
-        store = stack.enter_context(GraphStore.from_settings(settings))
-        migrate(store)
-
-        torch.manual_seed(0)
-        model = create_model("og-clip-tiny", device="cpu").eval()
-        bundle = export_bundle(model, home / "bundle")
-        keys = [f"bench-class-{i:05d}" for i in range(args.classes)]
-        store.upsert("Target", [{"key": k, "props": {"name": f"bench class {i}", "super_category": "civilian/other"}}
-                                for i, k in enumerate(keys)])
-        store.upsert("ClassSet", [{"key": CLASS_SET, "props": {"size": len(keys)}}])
-        store.link("Target", "IN_CLASS_SET", "ClassSet", [{"from": k, "to": CLASS_SET, "props": {}} for k in keys])
-        started = time.perf_counter()
-        prompts = {k: [f"a photo of a bench class {i}."] for i, k in enumerate(keys)}
-        vectors = class_embeddings(model, prompts)
-        store.write_embeddings(bundle.model_version, {k: v.tolist() for k, v in zip(keys, vectors, strict=True)},
-                               prompts)
-        print(f"bundle {bundle.model_version}; {len(keys)} class embeddings written in "
-              f"{time.perf_counter() - started:.1f}s")
+        home, settings, store = start_graph(stack)
+        model, bundle, keys, vectors = bundle_with_classes(store, home, args.classes)
 
         sample = render(TargetClass("bench", "military aircraft", "swept wing", "grey"), seed=0, size=64)
         payload = {"images": [{"image": base64.b64encode(png_bytes(sample.image)).decode(),
@@ -321,7 +337,7 @@ def main() -> None:
                 direct(batch)
                 latencies.append((time.perf_counter() - t0) * 1000)
             wall = time.perf_counter() - started
-            result = _summary(latencies, wall)
+            result = summary(latencies, wall)
             result["rps"] = rounds * batch / wall  # images (= requests of one image) per second
             report["direct"][batch] = result
 
@@ -348,7 +364,7 @@ def main() -> None:
         torch.set_num_threads(os.cpu_count() or 1)
 
         # -- the service: batching on and off, one replica each -----------------------------------------------------
-        port = _start_serve(stack, home, settings)
+        port = start_serve(stack, home, settings)
         deployment = ServeDeploymentConfig(num_cpus=1.0, autoscaling=ServeAutoscalingConfig(min_replicas=1,
                                            max_replicas=1), max_ongoing_requests=64, max_queued_requests=512)
         modes = {"batched": ServeBatchingConfig(enabled=True, max_batch_size=32, batch_wait_timeout_s=0.005),
@@ -357,15 +373,15 @@ def main() -> None:
             cfg = base.model_copy(update={"app_name": mode, "port": port, "deployment": deployment.model_copy(
                 update={"name": f"classifier-{mode}"}), "batching": batching})
             serve.run(build_app(cfg), name=mode, route_prefix=f"/{mode}")
-        serve.run(_noop_app(), name="noop", route_prefix="/noop")
+        serve.run(noop_app(), name="noop", route_prefix="/noop")
         print("service up: batching on at /batched, off at /unbatched, no-op at /noop (one replica each, 1 CPU)")
         report["serve"] = {}
         for mode in (*modes, "noop"):
             url = f"http://127.0.0.1:{port}/{mode}/v1/classify"  # the no-op app answers any path
-            asyncio.run(_load(url, payload, 4, 40))  # warm-up
+            asyncio.run(load(url, payload, 4, 40))  # warm-up
             report["serve"][mode] = {}
             for concurrency in LEVELS:
-                report["serve"][mode][concurrency] = asyncio.run(_load(url, payload, concurrency, args.requests))
+                report["serve"][mode][concurrency] = asyncio.run(load(url, payload, concurrency, args.requests))
 
     print()
     print(f"POST /v1/classify, one 64-px image + mask, {args.classes} classes, full dim "

@@ -13,8 +13,16 @@ import torch
 from ogclip.segment import CpuSegmenter
 from ogclip.synth import TargetClass, render_scene
 from ogclip_jobs.config import RetrievalConfig
-from ogclip_jobs.retrieval import caption_embeddings, overhead_scenes, recalls, scene_embeddings
-from ogclip_kg.prompts import scene_captions
+from ogclip_jobs.retrieval import (
+    caption_embeddings,
+    image_embeddings,
+    keyword_masks,
+    overhead_scenes,
+    recalls,
+    scene_embeddings,
+    sub_perspective_masks,
+)
+from ogclip_kg.prompts import caption_keywords, keyword_vocabulary, scene_captions
 
 
 def _row(key: str, category: str, silhouette: str, colour: str, size: str, pattern: str = "plain") -> dict:
@@ -82,11 +90,12 @@ def test_overhead_scenes_are_deterministic_by_split_and_kind() -> None:
     scenes = overhead_scenes(ROWS, 6, (2, 3), seed=0, split="test", size=48)
     again = overhead_scenes(ROWS, 6, (2, 3), seed=0, split="test", size=48)
     other = overhead_scenes(ROWS, 6, (2, 3), seed=0, split="val", size=48)
-    assert len(scenes) == 6 and all(len(texts) == 5 for _, texts in scenes)
-    for (one, texts), (two, texts_again) in zip(scenes, again, strict=True):
+    assert len(scenes) == 6 and all(len(draw.captions) == 5 for draw in scenes)
+    for (one, texts, keys), (two, texts_again, keys_again) in zip(scenes, again, strict=True):
         assert np.array_equal(np.asarray(one.image), np.asarray(two.image)) and texts == texts_again
-    assert any(not np.array_equal(a.labels, b.labels) for (a, _), (b, _) in zip(scenes, other, strict=True))
-    for index, (scene, texts) in enumerate(scenes):
+        assert keys == keys_again and len(keys) == len(one.targets)
+    assert any(not np.array_equal(a.scene.labels, b.scene.labels) for a, b in zip(scenes, other, strict=True))
+    for index, (scene, texts, _) in enumerate(scenes):
         kinds = {t.silhouette.endswith("hull") for t in scene.targets}
         assert 2 <= len(scene.targets) <= 3 and scene.image.size == (48, 48)
         if index % 3 == 0:
@@ -129,13 +138,13 @@ def test_the_cpu_segmenter_finds_the_targets_of_a_scene() -> None:
 
 
 def test_embeddings_are_normalised_and_targets_read_the_masks(micro_minilm) -> None:
-    scenes = [scene for scene, _ in overhead_scenes(ROWS, 4, (2, 3), seed=1, split="test", size=32)]
+    scenes = [draw.scene for draw in overhead_scenes(ROWS, 4, (2, 3), seed=1, split="test", size=32)]
     model = copy.deepcopy(micro_minilm)  # the shared fixture stays as it is
     torch.manual_seed(0)
     with torch.no_grad():  # a mask-reading model: a non-zero ROI conv, so the targets change the embedding
         model.visual.conv1.roi.weight.normal_(0, 0.5)
     whole = scene_embeddings(model, scenes, "none")
-    for mode in ("targets", "segmenter"):
+    for mode in ("targets", "segmenter", "noisy"):
         fused = scene_embeddings(model, scenes, mode)
         assert whole.shape == fused.shape == (4, model.dims[-1])
         assert torch.allclose(fused.norm(dim=-1), torch.ones(4)) and (whole - fused).abs().max() > 1e-3
@@ -144,6 +153,47 @@ def test_embeddings_are_normalised_and_targets_read_the_masks(micro_minilm) -> N
     assert texts.shape == (2, model.dims[-1]) and torch.allclose(texts.norm(dim=-1), torch.ones(2))
     with pytest.raises(ValueError, match="sub-perspective"):
         scene_embeddings(model, scenes, "captions")
+
+
+def test_noisy_masks_miss_move_and_invent_detections_deterministically() -> None:
+    draws = overhead_scenes(ROWS, 30, (2, 3), seed=2, split="test", size=48)
+    exact = [sub_perspective_masks(d.scene, "targets") for d in draws]
+    noisy = [sub_perspective_masks(d.scene, "noisy") for d in draws]
+    again = [sub_perspective_masks(d.scene, "noisy") for d in draws]
+    assert all(len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+               for a, b in zip(noisy, again, strict=True))
+    assert sum(map(len, noisy)) != sum(map(len, exact)), "some masks missed, some invented"
+    kept = [m for masks in noisy for m in masks]
+    originals = [m for masks in exact for m in masks]
+    assert not any(any(np.array_equal(m, o) for o in originals) for m in kept), "every kept mask is moved"
+
+
+def test_caption_keywords_name_the_targets_a_caption_mentions() -> None:
+    vocabulary = keyword_vocabulary(ROWS.values())
+    assert vocabulary[0] == "aircraft carrier" and {"aircraft", "ship", "fighter", "destroyer"} <= set(vocabulary)
+    assert caption_keywords("a large grey aircraft carrier with two-tone paint at the top left.", vocabulary) == [
+        "aircraft carrier"]
+    assert caption_keywords("two aircraft and a ship in a harbour.", vocabulary) == ["aircraft", "ship"]
+    assert caption_keywords("three ships, a Fighter and a destroyer.", vocabulary) == ["ship", "fighter", "destroyer"]
+    assert caption_keywords("a shipyard.", vocabulary) == []
+
+
+def test_no_caption_reaches_the_image_side_unless_the_leak_is_asked_for(micro_minilm) -> None:
+    """The image embeddings of the image-only sub-perspectives are the same whatever the captions say; the
+    authors' caption-derived variant changes with them (a leak, reported apart)."""
+    draws = overhead_scenes(ROWS, 4, (2, 3), seed=1, split="test", size=32)
+    swapped = [d._replace(captions=draws[(i + 1) % len(draws)].captions) for i, d in enumerate(draws)]
+    model = copy.deepcopy(micro_minilm)
+    with torch.no_grad():
+        model.visual.conv1.roi.weight.normal_(0, 0.5)
+    for mode in ("none", "targets", "segmenter", "noisy"):
+        torch.testing.assert_close(image_embeddings(model, draws, mode), image_embeddings(model, swapped, mode))
+    leak, leak_swapped = (image_embeddings(model, d, "captions", ROWS) for d in (draws, swapped))
+    assert (leak - leak_swapped).abs().max() > 1e-4
+    named = keyword_masks(draws[0], ROWS, keyword_vocabulary(ROWS.values()))
+    assert named and all(mask.any() for mask in named)
+    with pytest.raises(ValueError, match="graph facts"):
+        image_embeddings(model, draws, "captions")
 
 
 def test_retrieval_command_writes_its_table(tmp_path: Path, micro_minilm, graph, job_settings, capsys) -> None:

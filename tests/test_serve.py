@@ -55,6 +55,7 @@ from ogclip_serve.config import (
     ServeDeploymentConfig,
     ServeLimitsConfig,
     ServeMaskConfig,
+    ServeRetrievalConfig,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,6 +133,24 @@ def _graph_env(graph: GraphStore, kg_settings: Settings) -> dict[str, str]:
     return {}
 
 
+def write_test_collection(info: BundleInfo, rows: dict[str, dict[str, Any]], folder: Path, count: int,
+                          seed: int = 0) -> list[str]:
+    """A retrieval collection of ``count`` renders of ``rows``' classes, embedded exactly as ``ogclip index build``
+    embeds (its encoder, in process); returns the item ids."""
+    from ogclip.collection import write_collection
+    from ogclip_jobs.index import EncodeForIndex
+
+    encoder = EncodeForIndex(str(info.path))
+    items = renders(rows, count, seed=seed)
+    out = encoder({"id": np.asarray([f"item-{seed}-{i}" for i in range(count)], dtype=object),
+                   "label": np.asarray([key for key, _, _ in items], dtype=object),
+                   "caption": np.asarray([f"a picture of {rows[key]['name']}." for key, _, _ in items], dtype=object),
+                   "image": [png(image) for _, image, _ in items], "mask": [png(mask) for _, _, mask in items]})
+    write_collection(folder, info.model_version, list(out["id"]), list(out["label"]), list(out["caption"]),
+                     out["image_vector"], out["caption_vector"])
+    return list(out["id"])
+
+
 def service_config(info: BundleInfo, port: int, **updates: Any) -> ServeConfig:
     cfg = ServeConfig(
         bundle=info.path, model_version=info.model_version, app_name=APP, host="127.0.0.1", port=port,
@@ -143,6 +162,7 @@ def service_config(info: BundleInfo, port: int, **updates: Any) -> ServeConfig:
                              max_request_bytes=4 * 1024 * 1024, max_request_pixels=2_500_000, working_pixels=65_536),
         classes=ServeClassesConfig(class_sets=["test", HOT_SET], poll_interval_s=0.5),
         masks=ServeMaskConfig(segmenter="cpu"),
+        retrieval=ServeRetrievalConfig(collection=info.path.parent / "collection", poll_interval_s=0.5),
     )
     return cfg.model_copy(update=updates)
 
@@ -157,6 +177,7 @@ def service(graph: GraphStore, kg_settings: Settings, world: World, bundle: tupl
     _, info = bundle
     port, metrics_port = free_ports(2)
     cfg = service_config(info, port)
+    write_test_collection(info, world.test_rows, cfg.retrieval.collection, 40)
     with pytest.MonkeyPatch.context() as patch:
         for key, value in {**_graph_env(graph, kg_settings), "OGCLIP_API_TOKEN": TOKEN}.items():
             patch.setenv(key, value)
@@ -535,7 +556,8 @@ def test_version_mismatch_is_refused_loudly(graph: GraphStore, kg_settings: Sett
 def test_openapi_health_readiness_and_auth(service: Service, bundle: tuple[OGCLIP, BundleInfo]) -> None:
     _, info = bundle
     spec = service.get("/openapi.json", token=None).json()
-    assert {"/v1/classify", "/v1/embeddings", "/v1/classes", "/healthz", "/readyz"} <= set(spec["paths"])
+    assert {"/v1/classify", "/v1/embeddings", "/v1/retrieve", "/v1/classes", "/healthz", "/readyz"} <= set(
+        spec["paths"])
     body = spec["paths"]["/v1/classify"]["post"]["requestBody"]["content"]
     assert {"application/json", "multipart/form-data"} <= set(body)
     assert "ClassifyRequest" in spec["components"]["schemas"] and "HTTPBearer" in str(spec["components"])
@@ -674,6 +696,74 @@ def test_embeddings_through_the_openai_client(service: Service, world: World,
 
 
 @pytest.mark.slow
+def test_retrieve_text_to_images_and_image_to_captions(service: Service, world: World,
+                                                       bundle: tuple[OGCLIP, BundleInfo]) -> None:
+    """/v1/retrieve ranks the collection as the model does in process, both ways, at every served size."""
+    from ogclip.collection import read_collection
+
+    model, info = bundle
+    collection = read_collection(service.cfg.retrieval.collection, info.model_version)
+    text = "a large grey warship with a destroyer hull silhouette"
+    with torch.no_grad():
+        query = model.encode_text([text]).numpy()[0]
+    for dim in (None, 32):
+        response = service.post("/v1/retrieve", json={"text": text, "top_k": 5, "dim": dim})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["direction"] == "text_to_image" and body["items"] == len(collection) == 40
+        assert body["collection_revision"] == collection.revision and body["model_version"] == info.model_version
+        size = dim or model.dims[-1]
+        images = truncate(torch.from_numpy(collection.images), size).numpy()
+        expected = np.argsort(-(images @ truncate(torch.from_numpy(query[None]), size).numpy()[0]))[:5]
+        assert [r["id"] for r in body["results"]] == [collection.ids[i] for i in expected]
+        assert [r["rank"] for r in body["results"]] == [1, 2, 3, 4, 5]
+        similarities = [r["similarity"] for r in body["results"]]
+        assert similarities == sorted(similarities, reverse=True) and body["dim"] == size
+    key, image, mask = renders(world.test_rows, 1, seed=3)[0]
+    response = service.post("/v1/retrieve", json={"image": {"image": b64(png(image)), "mask": b64(png(mask))},
+                                                  "top_k": 3})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["direction"] == "image_to_text" and len(body["results"]) == 3
+    assert all(r["caption"].startswith("a picture of ") for r in body["results"])
+    for payload, status, param in (({"text": "x", "image": {"image": b64(png(image))}}, 400, "text"), ({}, 400, "text"),
+                                   ({"text": "  "}, 400, "text"), ({"text": "x", "top_k": 10_000}, 400, "top_k"),
+                                   ({"text": "x", "dim": 33}, 400, "dim"), ({"text": "x" * 5000}, 400, "text"),
+                                   ({"image": {"image": "not base64!"}}, 400, None),
+                                   ({"text": "x", "top_k": 0}, 400, None), ({"text": "x", "k": 5}, 400, None)):
+        response = service.post("/v1/retrieve", json=payload)
+        assert response.status_code == status, (payload, response.text)
+        error = assert_error_body(response)
+        assert param is None or error["param"] == param, (payload, error)
+    assert service.post("/v1/retrieve", token=None, json={"text": "x"}).status_code == 401
+
+
+@pytest.mark.slow
+def test_a_new_collection_revision_is_swapped_in_while_serving(service: Service, world: World,
+                                                               bundle: tuple[OGCLIP, BundleInfo]) -> None:
+    """`ogclip index build` writing a new revision reaches every replica within a few polls; no request fails."""
+    from ogclip.collection import current_revision
+
+    _, info = bundle
+    folder = service.cfg.retrieval.collection
+    before = current_revision(folder)
+    ids = write_test_collection(info, world.test_rows, folder, 25, seed=100)
+    after = current_revision(folder)
+    assert after != before
+    served: list[str] = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and served[-6:] != [after] * 6:  # both replicas, several times in a row
+        response = service.post("/v1/retrieve", json={"text": "a ship", "top_k": 3})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        served.append(body["collection_revision"])
+        assert body["collection_revision"] in (before, after)
+        if body["collection_revision"] == after:
+            assert body["items"] == 25 and all(r["id"] in ids for r in body["results"])
+        time.sleep(0.1)
+    assert served[-6:] == [after] * 6, f"revision {after} was not served by every replica within 30 s"
+
+
 def test_every_bad_input_is_a_clear_4xx_and_the_replicas_survive(service: Service, world: World) -> None:
     (_, image, mask), = renders(world.test_rows, 1)
     good = b64(png(image))
@@ -828,6 +918,9 @@ EMBEDDINGS = st.fixed_dictionaries({}, optional={
     | VALUE,
     "dimensions": st.sampled_from([16, 32, 64]) | VALUE, "encoding_format": st.sampled_from(["float", "base64"])
     | VALUE, "user": VALUE})
+RETRIEVE = st.fixed_dictionaries({}, optional={
+    "text": TEXT | VALUE, "image": IMAGE_ITEM | VALUE, "top_k": st.integers(-2, 200) | VALUE,
+    "dim": st.sampled_from([16, 32, 64, 0, -1]) | VALUE, "extra": VALUE})
 CONTENT_TYPES = st.sampled_from(["application/json", "application/json; charset=utf-16", "text/plain",
                                  "multipart/form-data", "multipart/form-data; boundary=b", "", "image/png",
                                  "application/x-www-form-urlencoded"])
@@ -846,14 +939,16 @@ def _multipart(parts: list[tuple[str, bool, bytes]]) -> tuple[bytes, str]:
 REQUESTS = st.one_of(
     st.tuples(st.just("json"), st.sampled_from(["/v1/classify"]), CLASSIFY),
     st.tuples(st.just("json"), st.sampled_from(["/v1/embeddings"]), EMBEDDINGS),
-    st.tuples(st.just("json"), st.sampled_from(["/v1/classify", "/v1/embeddings"]), VALUE),
-    st.tuples(st.just("bytes"), st.sampled_from(["/v1/classify", "/v1/embeddings"]),
+    st.tuples(st.just("json"), st.sampled_from(["/v1/retrieve"]), RETRIEVE),
+    st.tuples(st.just("json"), st.sampled_from(["/v1/classify", "/v1/embeddings", "/v1/retrieve"]), VALUE),
+    st.tuples(st.just("bytes"), st.sampled_from(["/v1/classify", "/v1/embeddings", "/v1/retrieve"]),
               st.tuples(CONTENT_TYPES, st.binary(max_size=512))),
     st.tuples(st.just("multipart"), st.just("/v1/classify"), st.lists(PART, max_size=6)),
     st.tuples(st.just("get"), st.sampled_from(["/v1/classes", "/v1/models", "/healthz", "/readyz", "/v1/nowhere",
                                                "/openapi.json"]),
               st.dictionaries(st.sampled_from(["class_set", "x"]), TEXT, max_size=2)),
-    st.tuples(st.just("method"), st.sampled_from(["/v1/classify", "/v1/embeddings", "/v1/classes", "/"]),
+    st.tuples(st.just("method"), st.sampled_from(["/v1/classify", "/v1/embeddings", "/v1/retrieve", "/v1/classes",
+                                               "/"]),
               st.sampled_from(["PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"])),
 )
 

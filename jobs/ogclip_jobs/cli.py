@@ -137,6 +137,17 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _index(args: argparse.Namespace) -> int:
+    from ogclip_jobs.config import IndexBuildConfig
+
+    cfg = load_yaml_config(args.config, IndexBuildConfig) if args.config else IndexBuildConfig()
+    updates = {k: v for k, v in (("bundle", args.bundle), ("data", args.data), ("output_dir", args.output_dir)) if v}
+    from ogclip_jobs.index import run_index_build
+
+    print(json.dumps(run_index_build(cfg.model_copy(update=updates)), indent=2))
+    return 0
+
+
 def _kg(args: argparse.Namespace) -> int:
     from ogclip.settings import get_settings
     from ogclip_kg import server
@@ -306,6 +317,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--mask-modes", help="comma-separated ROI mask modes, e.g. exact,predicted,box "
                           "(overrides the config; `eval` only)")
     evaluate.set_defaults(func=_eval)
+    index = commands.add_parser("index", help="retrieval collections for /v1/retrieve")
+    index_commands = index.add_subparsers(dest="index_command", required=True)
+    build = index_commands.add_parser("build", help="embed shards' images and captions with a bundle (Ray Data)")
+    build.add_argument("--config", type=Path, help="IndexBuildConfig YAML (default: built-in defaults)")
+    build.add_argument("--bundle", type=Path, help="the bundle to embed with (overrides the config)")
+    build.add_argument("--data", type=Path, help="the Parquet shards (overrides the config)")
+    build.add_argument("--output-dir", type=Path, help="the collection folder (overrides the config)")
+    build.set_defaults(func=_index)
+
     data = commands.add_parser("data", help="the curation pipeline on Ray Data")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     data.set_defaults(func=_data)

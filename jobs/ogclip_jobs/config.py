@@ -207,6 +207,15 @@ class DataPipelineConfig(StrictModel):
     ray_num_cpus: int | None = Field(default=None, ge=1, description="local Ray's CPUs (default: all)")
 
 
+def _scene_range(value: tuple[int, int]) -> tuple[int, int]:
+    if not 1 <= value[0] <= value[1]:
+        raise ValueError(f"targets_per_scene must be (fewest, most) with 1 <= fewest <= most, got {value}")
+    return value
+
+
+SceneRange = Annotated[tuple[int, int], AfterValidator(_scene_range)]  # targets per rendered scene: (fewest, most)
+
+
 class SynthStreamConfig(StrictModel):
     """Training data rendered on the fly from the synthetic world by Ray actors, instead of stored shards.
 
@@ -229,6 +238,23 @@ class SynthStreamConfig(StrictModel):
                     "a machine whose cores the step already uses")
 
 
+class SceneStreamConfig(SynthStreamConfig):
+    """Captioned overhead scenes rendered on the fly (the retrieval world of ``ogclip eval retrieval``, its
+    ``train`` split): ``targets_per_scene`` targets of ``class_set`` on one background, five captions from their
+    graph facts and the layout, and one sub-perspective per visible target (``sub_perspectives``: its exact mask, or
+    the regions the CPU segmenter finds). Each scene brings ``captions_per_image`` of its captions to a step, all of
+    them its positives. What MPS-CLIP trains on; checkpoints are chosen on the val split, never on test."""
+
+    kind: Literal["scenes"] = "scenes"  # type: ignore[assignment]
+    targets_per_scene: SceneRange = Field(default=(2, 5), description="fewest and most targets per scene")
+    captions_per_image: int = Field(default=2, ge=1, le=5, description="captions per scene in a step's texts")
+    sub_perspectives: Literal["targets", "segmenter"] = Field(
+        default="targets", description="each visible target's exact mask, or the CPU segmenter's regions")
+    val_scenes: int = Field(default=200, ge=0, description="the run's checkpoints are scored by retrieval mR on "
+                            "this many scenes of the val split (sub-perspectives as above) and the best is exported; "
+                            "0: the lowest smoothed loss, as for other data")
+
+
 class TrainJobConfig(StrictModel):
     """``ogclip train``: a recipe (OG-CLIP by default) on Ray Train over the curation pipeline's Parquet shards or
     the synthetic world rendered on the fly, then export.
@@ -241,10 +267,10 @@ class TrainJobConfig(StrictModel):
     model: str = "og-clip-vit-l-14"
     pretrained: Path | None = Field(default=None, description="local OpenCLIP/OG-CLIP checkpoint to start from")
     recipe: RecipeConfig = Field(default_factory=OGCLIPRecipeConfig, description="the method and its settings")
-    data: Path | SynthStreamConfig = Field(
+    data: Path | SynthStreamConfig | SceneStreamConfig = Field(
         default=Path("outputs/data/stages/shards/parquet"),
         description="Parquet training shards (a folder), or {kind: synth, ...} to render the synthetic world on the "
-        "fly")
+        "fly, or {kind: scenes, ...} for captioned multi-target scenes")
     train: TrainConfig = TrainConfig()
     num_workers: int = Field(default=8, ge=1)
     cpus_per_worker: float = Field(default=1.0, gt=0, description="also the worker's torch threads (rounded up)")
@@ -353,15 +379,6 @@ class ProbeConfig(StrictModel):
     seed: int = 0
 
 
-def _scene_range(value: tuple[int, int]) -> tuple[int, int]:
-    if not 1 <= value[0] <= value[1]:
-        raise ValueError(f"targets_per_scene must be (fewest, most) with 1 <= fewest <= most, got {value}")
-    return value
-
-
-SceneRange = Annotated[tuple[int, int], AfterValidator(_scene_range)]  # targets per rendered scene: (fewest, most)
-
-
 class DenseConfig(StrictModel):
     """``ogclip eval dense``: a linear per-patch probe of a bundle's frozen image tower on multi-target scenes
     (segmentation mIoU, small targets apart), with the bundle's zero-shot mAcc beside it."""
@@ -397,12 +414,28 @@ class RetrievalConfig(StrictModel):
     scenes: int = Field(default=500, ge=2, description="images in the gallery (five captions each)")
     targets_per_scene: SceneRange = Field(default=(2, 5), description="fewest and most targets per scene")
     image_size: int | None = Field(default=None, ge=16, description="render size; None: the bundle's input size")
-    sub_perspectives: list[Literal["none", "targets", "segmenter"]] = Field(
+    sub_perspectives: list[Literal["none", "targets", "segmenter", "noisy", "captions"]] = Field(
         default=["none", "targets", "segmenter"], min_length=1, description="image embeddings scored: the whole "
         "image; the whole image fused with every visible target read through its exact mask; the same with every "
-        "region the CPU segmenter finds instead")
+        "region the CPU segmenter finds instead; 'noisy': the exact masks with a detector's mistakes (missed, "
+        "dilated or eroded, false ones); 'captions': with the targets the scene's own captions name (the authors' "
+        "test-time variant: it leaks the test captions into the image side, reported apart)")
     batch_size: int = Field(default=256, ge=1)
     seed: int = 0
+
+
+class IndexBuildConfig(StrictModel):
+    """``ogclip index build``: the retrieval collection ``/v1/retrieve`` searches, embedded from Parquet shards
+    with a bundle (see ``ogclip_jobs.index``)."""
+
+    bundle: Path = Path("outputs/demo/train/og-clip-tiny-demo/bundle")
+    data: Path = Field(default=Path("outputs/demo/data-test/stages/shards/parquet"),
+                       description="the curation pipeline's Parquet shards (image, mask, label, caption; id optional)")
+    output_dir: Path = Field(default=Path("outputs/collection"), description="the collection (a new revision)")
+    encoders: int = Field(default=1, ge=1, description="actors holding the model")
+    cpus_per_encoder: float = Field(default=1.0, gt=0, description="also each encoder's torch threads")
+    batch_size: int = Field(default=128, ge=1)
+    ray_num_cpus: int | None = Field(default=None, ge=1, description="local Ray's CPUs when no cluster is set")
 
 
 class AblationConfig(StrictModel):

@@ -42,7 +42,7 @@ from ogclip.decode import decode_image
 from ogclip.models import OGCLIP, load_checkpoint, save_checkpoint
 from ogclip.recipes import Recipe, TrainBatch, create_recipe
 from ogclip.transforms import image_mask_transform
-from ogclip_jobs.config import SynthStreamConfig, TrainConfig, TrainJobConfig
+from ogclip_jobs.config import SceneStreamConfig, SynthStreamConfig, TrainConfig, TrainJobConfig
 
 _log = logging.getLogger(__name__)
 
@@ -160,18 +160,38 @@ def sample_texts(labels: Sequence[str], captions: Sequence[Any], prompts: Mappin
     return texts, owner
 
 
+def scene_texts(captions: Sequence[Sequence[str]], per_image: int, rng: random.Random) -> tuple[list[str], list[int]]:
+    """``per_image`` of each scene's captions, drawn at random, and the scene each belongs to."""
+    texts: list[str] = []
+    owner: list[int] = []
+    for i, options in enumerate(captions):
+        chosen = rng.sample(list(options), min(per_image, len(options)))
+        texts.extend(chosen)
+        owner.extend([i] * len(chosen))
+    return texts, owner
+
+
 def train_batch(batch: Mapping[str, Any], model: OGCLIP, cfg: TrainJobConfig, prompts: Mapping[str, Sequence[str]],
                 rng: random.Random, contrasts: Callable[[str], Sequence[Sequence[str]]] | None = None,
                 device: str | torch.device = "cpu") -> TrainBatch:
-    """A decoded batch (the columns of :class:`DecodeForTraining`) and its training texts (:func:`sample_texts`,
-    as the run's recipe draws them), as the step's tensors."""
-    texts, owner = sample_texts(batch["key"], batch["caption"], prompts, cfg.recipe.prompts, rng,
-                                cfg.recipe.caption_ratio, contrasts, cfg.recipe.hard_negatives)
+    """A decoded batch (the columns of :class:`DecodeForTraining`, or of :class:`RenderScenesForTraining` with
+    their sub-perspectives) and its training texts (:func:`sample_texts` as the run's recipe draws them; a scene's
+    own captions, :func:`scene_texts`), as the step's tensors."""
+    scenes = "captions" in batch
+    if scenes:
+        texts, owner = scene_texts(batch["captions"], cfg.data.captions_per_image, rng)
+    else:
+        texts, owner = sample_texts(batch["key"], batch["caption"], prompts, cfg.recipe.prompts, rng,
+                                    cfg.recipe.caption_ratio, contrasts, cfg.recipe.hard_negatives)
     unique = {t: i for i, t in enumerate(dict.fromkeys(texts))}  # prompts repeat: tokenise each sentence once
     tokens = model.tokenize(list(unique))[torch.tensor([unique[t] for t in texts], device=device)]
+    parts = {"parts": torch.tensor(batch["part_image"], device=device),
+             "part_masks": torch.tensor(batch["part_mask"], device=device),
+             "part_owner": torch.tensor(batch["part_owner"], device=device)} if scenes else {}
     return TrainBatch(images=torch.tensor(batch["image"], device=device),  # Ray's batches are read-only: copy
                       masks=torch.tensor(batch["mask"], device=device), texts=tokens,
-                      text_owner=torch.tensor(owner, device=device), labels=torch.tensor(batch["label"], device=device))
+                      text_owner=torch.tensor(owner, device=device), labels=torch.tensor(batch["label"], device=device),
+                      **parts)
 
 
 # -- data ------------------------------------------------------------------------------------------------------
@@ -252,6 +272,52 @@ class RenderForTraining:
                 "caption": np.asarray([self.captions[i] for i in labels], dtype=object)}
 
 
+class RenderScenesForTraining:
+    """Row ids → captioned overhead scenes (the ``train`` split of the retrieval world,
+    :class:`ogclip_jobs.retrieval.SceneWorld`), for a :class:`RenderStream` actor: the whole image (no mask), its
+    five captions, and its sub-perspectives (one per visible target, or per CPU-segmenter region), each as the image
+    tower reads it (the model's preprocessing, the ROI zoom onto the part where the model has one). ``label`` is the
+    row id (every scene is its own class). Row ``i`` is draw ``i`` (then ``i.1``, ``i.2``… in the vanishingly rare
+    case that a draw's targets are all hidden)."""
+
+    def __init__(self, preprocess: dict[str, Any], classes: dict[str, dict[str, Any]], seed: int,
+                 per_scene: tuple[int, int], sub_perspectives: str) -> None:
+        from ogclip.config import PreprocessConfig
+        from ogclip_jobs.retrieval import SceneWorld
+
+        cfg = PreprocessConfig.model_validate(preprocess)
+        self.size = cfg.image_size
+        self.transform = image_mask_transform(cfg)
+        self.world = SceneWorld(classes, tuple(per_scene), seed, self.size)  # type: ignore[arg-type]
+        self.sub_perspectives = sub_perspectives
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        from ogclip_jobs.retrieval import sub_perspective_masks
+
+        images, masks, captions, part_images, part_masks, part_owner = [], [], [], [], [], []
+        for i, row in enumerate(batch["id"]):
+            attempt, drawn = 0, self.world.draw("train", int(row), int(row))
+            while drawn is None:
+                attempt += 1
+                drawn = self.world.draw("train", f"{int(row)}.{attempt}", int(row))
+            scene, texts, _ = drawn
+            image, mask = self.transform(scene.image, None)
+            images.append(image.numpy())
+            masks.append(mask.numpy())
+            captions.append(texts)
+            for part in sub_perspective_masks(scene, self.sub_perspectives):
+                image, mask = self.transform(scene.image, part.astype(np.uint8) * 255)
+                part_images.append(image.numpy())
+                part_masks.append(mask.numpy())
+                part_owner.append(i)
+        size = self.size
+        return {"image": np.stack(images), "mask": np.stack(masks),
+                "label": np.asarray(batch["id"], dtype=np.int64), "captions": captions,
+                "part_image": np.stack(part_images) if part_images else np.zeros((0, 3, size, size), np.float32),
+                "part_mask": np.stack(part_masks) if part_masks else np.zeros((0, 1, size, size), np.float32),
+                "part_owner": np.asarray(part_owner, dtype=np.int64)}
+
+
 class RenderStream:
     """The synthetic world as one training worker's batches, rendered ahead by a pool of Ray actors.
 
@@ -280,12 +346,19 @@ class RenderStream:
     @staticmethod
     def start_renderers(cfg: TrainJobConfig, preprocess: dict[str, Any],
                         facts: Mapping[str, Mapping[str, Any]]) -> list[Any]:
-        """``cfg.data.render_tasks`` renderer actors of ``cfg.data.render_cpus`` CPUs each, for ``facts``' classes."""
+        """``cfg.data.render_tasks`` renderer actors of ``cfg.data.render_cpus`` CPUs each, for ``facts``' classes:
+        single targets (:class:`RenderForTraining`) or captioned scenes (:class:`RenderScenesForTraining`)."""
         if not isinstance(cfg.data, SynthStreamConfig):
-            raise ValueError("renderers draw the synthetic world (data: {kind: synth})")
-        actor = ray.remote(num_cpus=cfg.data.render_cpus)(RenderForTraining)
+            raise ValueError("renderers draw the synthetic world (data: {kind: synth} or {kind: scenes})")
         classes = {key: dict(row) for key, row in facts.items()}
-        return [actor.remote(preprocess, classes, cfg.data.seed) for _ in range(cfg.data.render_tasks)]
+        if isinstance(cfg.data, SceneStreamConfig):
+            actor = ray.remote(num_cpus=cfg.data.render_cpus)(RenderScenesForTraining)
+            args: tuple[Any, ...] = (preprocess, classes, cfg.data.seed, cfg.data.targets_per_scene,
+                                     cfg.data.sub_perspectives)
+        else:
+            actor = ray.remote(num_cpus=cfg.data.render_cpus)(RenderForTraining)
+            args = (preprocess, classes, cfg.data.seed)
+        return [actor.remote(*args) for _ in range(cfg.data.render_tasks)]
 
     def _rows(self, batch: int) -> np.ndarray:
         start = (batch * self.world + self.rank) * self.batch_size
@@ -550,16 +623,38 @@ def build_model_config_preprocess(cfg: TrainJobConfig) -> dict[str, Any]:
         mode="json")
 
 
-def best_model(cfg: TrainJobConfig, result: ray.train.Result) -> OGCLIP:
-    """The checkpoint with the lowest smoothed loss (the latest if none was scored), loaded on CPU."""
-    scored = [(m.get("loss_ema", math.inf), c) for c, m in (result.best_checkpoints or [])]
-    checkpoint = min(scored, key=lambda pair: pair[0])[1] if scored else result.checkpoint
-    if checkpoint is None:
-        raise RuntimeError(f"training run {cfg.name} produced no checkpoint")
+def best_model(cfg: TrainJobConfig, result: ray.train.Result, rows: Mapping[str, Mapping[str, Any]] | None = None,
+               ) -> tuple[OGCLIP, dict[str, Any]]:
+    """The run's best checkpoint, loaded on CPU, and how it was chosen: by retrieval mR on the scene world's val
+    split (scene data with ``val_scenes``; ``rows``: the classes' graph facts), else the lowest smoothed loss (the
+    latest checkpoint if none was scored)."""
+    kept = list(result.best_checkpoints or [])
+    if not kept:
+        if result.checkpoint is None:
+            raise RuntimeError(f"training run {cfg.name} produced no checkpoint")
+        kept = [(result.checkpoint, {})]
     model = build_model(cfg)
-    with checkpoint.as_directory() as folder:
-        load_checkpoint(model, Path(folder) / WEIGHTS)
-    return model.eval()
+
+    def load(checkpoint: ray.train.Checkpoint) -> OGCLIP:
+        with checkpoint.as_directory() as folder:
+            load_checkpoint(model, Path(folder) / WEIGHTS)
+        return model.eval()
+
+    if isinstance(cfg.data, SceneStreamConfig) and cfg.data.val_scenes and rows:
+        from ogclip_jobs.retrieval import overhead_scenes, retrieval_scores
+
+        scenes = overhead_scenes(rows, cfg.data.val_scenes, cfg.data.targets_per_scene, cfg.data.seed, "val",
+                                 model.cfg.image_size)
+        scores = {int(metrics.get("step", 0)): retrieval_scores(load(checkpoint), scenes,
+                                                                [cfg.data.sub_perspectives])[cfg.data.sub_perspectives]["mR"]
+                  for checkpoint, metrics in kept}
+        step = max(scores, key=lambda s: (scores[s], s))
+        chosen = next(c for c, m in kept if int(m.get("step", 0)) == step)
+        return load(chosen), {"selected_by": f"val mR ({cfg.data.val_scenes} scenes)", "step": step,
+                              "val_mR": {str(k): round(v, 2) for k, v in sorted(scores.items())}}
+    loss, chosen, step = min(((m.get("loss_ema", math.inf), c, m.get("step")) for c, m in kept),
+                             key=lambda item: item[0])
+    return load(chosen), {"selected_by": "lowest smoothed loss", "step": step}
 
 
 def export_run(cfg: TrainJobConfig, model: OGCLIP, store: Any, trained: Sequence[str],
@@ -603,7 +698,9 @@ def run_training(cfg: TrainJobConfig, log: Callable[[str], None] = _log.info) ->
         result = fit(cfg, prompts, classes, {row["key"]: row for row in rows}, log)
         summary: dict[str, Any] = {"name": cfg.name, "seconds": round(time.perf_counter() - started, 1),
                                    "final_metrics": result.metrics, "run_dir": str(cfg.output_dir / cfg.name)}
-        model = best_model(cfg, result)
+        model, summary["selection"] = best_model(cfg, result, {row["key"]: row for row in rows})
+        log(f"exporting the checkpoint of step {summary['selection']['step']} "
+            f"({summary['selection']['selected_by']})")
         if cfg.export:
             summary.update(export_run(cfg, model, store, classes, log))
     (cfg.output_dir / cfg.name / "summary.json").write_text(json.dumps(summary, indent=2, default=str))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -238,6 +239,31 @@ def _relation(a: tuple[float, float], b: tuple[float, float]) -> str:
 
 def _listing(items: Sequence[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def target_nouns(row: Mapping[str, Any]) -> set[str]:
+    """The nouns a scene caption names a target of this class by: its category and its kind ('aircraft', 'ship')."""
+    return {_category(dict(row)).lower(), _kind(_facts(dict(row)))}
+
+
+def keyword_vocabulary(rows: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Every noun a scene caption can name these classes' targets by (:func:`target_nouns`), longest first: the
+    embedded default of the keyword extractor (production asks an LLM for a caption's nouns)."""
+    return sorted({noun for row in rows for noun in target_nouns(row)}, key=lambda w: (-len(w), w))
+
+
+def caption_keywords(caption: str, vocabulary: Sequence[str]) -> list[str]:
+    """The vocabulary's nouns a caption names, in order of first mention, each once: whole words, a plural 's'
+    allowed, longer terms first so 'aircraft carrier' is not also 'aircraft'."""
+    text = caption.lower()
+    found: list[tuple[int, str]] = []
+    taken = [False] * len(text)
+    for term in vocabulary:
+        for match in re.finditer(rf"\b{re.escape(term)}s?\b", text):
+            if not any(taken[match.start():match.end()]):
+                found.append((match.start(), term))
+                taken[match.start():match.end()] = [True] * (match.end() - match.start())
+    return list(dict.fromkeys(term for _, term in sorted(found)))
 
 
 def scene_captions(rows: Sequence[Mapping[str, Any]], centres: Sequence[tuple[float, float]],

@@ -82,6 +82,30 @@ class DetailConfig(StrictModel):
     decoder_heads: int = Field(default=16, ge=1, description="must divide the encoder's width")
 
 
+class MPSConfig(StrictModel):
+    """The trainable parts of an ``mps-clip`` architecture (MPS-CLIP): an adapter after every block of both towers
+    and the MPR heads. The authors' ViT-B/32 values: bottleneck 128, 8 heads, kernel 5, dropout and drop path 0.1,
+    gate 0.6, 4 perspectives."""
+
+    adapter: Literal["g2a", "bottleneck"] = Field(
+        default="g2a", description="G²A (bottleneck + global attention + gate) or a plain residual bottleneck")
+    dim: int = Field(default=128, ge=1, description="the adapters' bottleneck width")
+    heads: int = Field(default=8, ge=1, description="attention heads in a G²A adapter (must divide dim)")
+    kernel: int = Field(default=5, ge=1, description="the G²A FFN's depthwise convolution over tokens (odd)")
+    dropout: float = Field(default=0.1, ge=0, lt=1)
+    drop_path: float = Field(default=0.1, ge=0, lt=1)
+    gate_init: float = Field(default=0.6, gt=0, lt=1, description="σ(g) of every G²A gate at the start")
+    perspectives: int = Field(default=4, ge=1, description="K, the MPR heads")
+
+    @model_validator(mode="after")
+    def _check(self) -> MPSConfig:
+        if self.dim % self.heads:
+            raise ValueError(f"adapter heads {self.heads} do not divide the bottleneck width {self.dim}")
+        if self.kernel % 2 == 0:
+            raise ValueError(f"the adapter's token convolution needs an odd kernel, got {self.kernel}")
+        return self
+
+
 class ModelConfig(StrictModel):
     """A model architecture: ``architecture`` names the class that builds it (``og-clip`` for OG-CLIP, the default,
     so configs and bundles written before the key read as OG-CLIP), open_clip's ``vision_cfg``/``text_cfg`` layout
@@ -104,6 +128,7 @@ class ModelConfig(StrictModel):
         description="Overrides of mean/std/interpolation/roi_zoom; image_size comes from vision_cfg.",
     )
     detail: DetailConfig | None = Field(default=None, description="a detail-clip architecture's training parts")
+    mps: MPSConfig | None = Field(default=None, description="an mps-clip architecture's adapters and MPR heads")
 
     @field_validator("vision_cfg")
     @classmethod
@@ -192,8 +217,30 @@ class DetailCLIPRecipeConfig(TextSupervision):
     head: DetailConfig = DetailConfig()
 
 
+class MPSCLIPRecipeConfig(TextSupervision):
+    """The MPS-CLIP recipe (``recipe: {kind: mps-clip, …}``): a frozen backbone (the run's ``pretrained``
+    checkpoint) with adapters on both towers, trained on captioned multi-target scenes and their sub-perspectives:
+    L = L_con + w_tri · L_tri + w_mp · (L_MPC + w_tri · L_MPT) (:mod:`ogclip.recipes.mps_clip`)."""
+
+    kind: Literal["mps-clip"] = "mps-clip"
+    adapters: MPSConfig = MPSConfig()
+    full_finetune: bool = Field(default=False, description="train the whole image tower and the text projection "
+                                "too (the baseline the method is compared with); the frozen text transformer stays "
+                                "frozen")
+    temperature: float = Field(default=0.07, gt=0, description="τ of the global contrastive term (fixed)")
+    perspective_scale: float = Field(default=100.0, gt=0, description="logit scale of L_MPC (the frozen CLIP's)")
+    margin: float = Field(default=0.2, ge=0, description="the triplet terms' margin m")
+    gamma: float = Field(default=2.0, ge=0, description="focal weight (1 − e^(−c))^γ of a triplet violation c")
+    triplet_reduction: Literal["sum", "mean"] = Field(
+        default="sum", description="'sum' over all negatives, as the authors' code; 'mean' over them (ablation)")
+    triplet_weight: float = Field(default=1.0, ge=0, description="w_tri (0: no triplet terms)")
+    perspective_weight: float = Field(default=0.2, ge=0, description="w_mp, the maximum-response terms' weight "
+                                      "(0: no MPR training)")
+
+
 # Every recipe's config, told apart by ``kind``.
-RecipeConfig = Annotated[OGCLIPRecipeConfig | DetailCLIPRecipeConfig, Field(discriminator="kind")]
+RecipeConfig = Annotated[OGCLIPRecipeConfig | DetailCLIPRecipeConfig | MPSCLIPRecipeConfig,
+                         Field(discriminator="kind")]
 
 
 class ConfigError(ValueError):

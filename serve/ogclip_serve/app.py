@@ -7,6 +7,10 @@ atomically, so no request is dropped or sees a half-built index. Images (and tex
 batched into one forward pass with ``@serve.batch``; Serve's ``max_queued_requests`` turns overload into immediate
 503s instead of unbounded queues.
 
+With ``retrieval.collection`` set, a replica also serves ``/v1/retrieve`` over a collection of embedded images and
+captions (``ogclip index build``; one flat index per served size), polls it for a new revision and swaps it in the
+same way.
+
 HTTP reaches the replicas through :mod:`ogclip_serve.gateway`, the application's ingress: it hands each request
 whole to a replica's :meth:`OGClipClassifier.forward` (which runs it through the FastAPI app below) and sends an
 idempotent request again to another replica when its replica dies mid-request.
@@ -26,7 +30,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import numpy as np
 import torch
@@ -54,7 +58,7 @@ from ogclip_serve.errors import (
     ServiceError,
     Unavailable,
 )
-from ogclip_serve.index import ClassInfo, Snapshot, VectorIndex, normalise, scores
+from ogclip_serve.index import ClassInfo, CollectionIndex, Snapshot, VectorIndex, normalise, scores
 from ogclip_serve.inputs import PreparedImage, RawImage, decode_base64, parse_json, prepare_all
 from ogclip_serve.metrics import endpoint_label
 from ogclip_serve.schemas import (
@@ -67,10 +71,13 @@ from ogclip_serve.schemas import (
     ModelCard,
     ModelList,
     ReadyResponse,
+    RetrieveRequest,
+    RetrieveResponse,
 )
 from ogclip_serve.transport import DEADLINE_KEY, Answer, Forwarded, error_response, read_body, run_asgi
 
 log = logging.getLogger("ogclip_serve")
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 IMAGE_URL_PREFIX = "data:image/"
 
@@ -233,6 +240,9 @@ _CLASSIFY_BODY = {"requestBody": {"required": True, "content": {
 _EMBEDDINGS_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"$ref": "#/components/schemas/EmbeddingsRequest"}}}}}
 
+_RETRIEVE_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"$ref": "#/components/schemas/RetrieveRequest"}}}}}
+
 
 def _openapi() -> dict[str, Any]:
     """FastAPI's document plus the request schemas of the endpoints that read their bodies themselves."""
@@ -240,7 +250,7 @@ def _openapi() -> dict[str, Any]:
         return app.openapi_schema
     schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    for model in (ClassifyRequest, EmbeddingsRequest, ErrorResponse):
+    for model in (ClassifyRequest, EmbeddingsRequest, RetrieveRequest, ErrorResponse):
         model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         for name, definition in model_schema.pop("$defs", {}).items():
             components.setdefault(name, definition)
@@ -343,6 +353,8 @@ class OGClipClassifier:
         self.sync.check()  # no embeddings for this version, or of another dimension: refuse to start, loudly
         self._snapshot: Snapshot = self.sync.load()
         self._on_snapshot(self._snapshot, previous=None, reloaded=True)
+        # a configured collection embedded by another model refuses the start, like class embeddings do
+        self._collection: CollectionIndex | None = self._load_collection()
         self._extra: dict[str, tuple[ClassInfo, np.ndarray]] = {}  # explicit labels outside the served sets
         self._extra_revision = self._snapshot.revision
         self.last_sync_error: str | None = None
@@ -370,6 +382,35 @@ class OGClipClassifier:
             return Sam2Segmenter(str(masks.sam2_checkpoint), masks.sam2_config, device=self.cfg.device).segment, "sam2"
         return None, "none"
 
+    def _load_collection(self) -> CollectionIndex | None:
+        """The configured collection's current revision (None when none is configured or written yet)."""
+        from ogclip.collection import current_revision
+
+        folder = self.cfg.retrieval.collection
+        if folder is None or current_revision(folder) is None:
+            return None
+        return CollectionIndex.load(folder, self.bundle.model_version, self.dims, use_gpu=self.device.type == "cuda")
+
+    def _poll_collection(self) -> None:
+        """Swap in a new revision of the collection when ``CURRENT`` names one (a failure keeps the last good)."""
+        from ogclip.collection import current_revision
+
+        folder = self.cfg.retrieval.collection
+        if folder is None:
+            return
+        revision = current_revision(folder)
+        served = self._collection.revision if self._collection is not None else None
+        if revision is None or revision == served:
+            return
+        try:
+            self._collection = CollectionIndex.load(folder, self.bundle.model_version, self.dims,
+                                                    use_gpu=self.device.type == "cuda")
+            log.info("retrieval collection %s -> %s (%d items)", served, revision, len(self._collection.ids))
+        except Exception as exc:  # a damaged or foreign revision: keep serving the last good one
+            self.last_sync_error = f"collection {revision}: {type(exc).__name__}: {exc}"
+            self.metrics.sync_errors.inc()
+            log.warning("retrieval collection %s not loaded (serving %s): %s", revision, served, exc)
+
     def _on_snapshot(self, snapshot: Snapshot, previous: str | None, reloaded: bool) -> None:
         # Also called on every poll without a change: Ray drops gauges that are not set again for a while.
         self.metrics.snapshot(snapshot.model_version, snapshot.revision, previous, snapshot.loaded_at,
@@ -378,6 +419,14 @@ class OGClipClassifier:
     def _start_sync_thread(self) -> None:
         self._sync_thread = threading.Thread(target=self._sync_loop, name="ogclip-class-sync", daemon=True)
         self._sync_thread.start()
+        if self.cfg.retrieval.collection is not None:
+            self._collection_thread = threading.Thread(target=self._collection_loop, name="ogclip-collection-sync",
+                                                       daemon=True)
+            self._collection_thread.start()
+
+    def _collection_loop(self) -> None:
+        while not self._stop.wait(self.cfg.retrieval.poll_interval_s):
+            self._poll_collection()
 
     def _sync_loop(self) -> None:
         """Poll the graph; on a change (or when a full refresh is due) build a new snapshot and swap it in."""
@@ -524,6 +573,15 @@ class OGClipClassifier:
         finally:
             await form.close()
 
+    async def _read_json(self, request: Request, schema: type[ModelT]) -> ModelT:
+        """A JSON body (at most ``limits.max_request_bytes``, parsed off the event loop) validated by ``schema``;
+        a schema error is the 400 FastAPI's own validation gives."""
+        data = await asyncio.to_thread(parse_json, await read_body(request, self.cfg.limits.max_request_bytes))
+        try:
+            return schema.model_validate(data)
+        except ValidationError as exc:
+            raise RequestValidationError(exc.errors()) from exc
+
     def _snapshot_now(self) -> Snapshot:
         snapshot = getattr(self, "_snapshot", None)
         if snapshot is None:
@@ -663,11 +721,7 @@ class OGClipClassifier:
     async def embeddings(self, request: Request) -> JSONResponse:
         with _guard("embeddings"):
             limits = self.cfg.limits
-            data = await asyncio.to_thread(parse_json, await read_body(request, limits.max_request_bytes))
-            try:
-                body = EmbeddingsRequest.model_validate(data)
-            except ValidationError as exc:
-                raise RequestValidationError(exc.errors()) from exc
+            body = await self._read_json(request, EmbeddingsRequest)
             if body.model not in self.model_ids:
                 raise NotFound(f"model {body.model!r} is not served here; use one of {sorted(self.model_ids)}",
                                param="model", code="model_not_found")
@@ -707,6 +761,50 @@ class OGClipClassifier:
                         for i, vector in enumerate(vectors)]
             return JSONResponse({"object": "list", "data": data_out, "model": body.model,
                                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+    @app.post("/v1/retrieve", response_model=RetrieveResponse, responses=_ERRORS, openapi_extra=_RETRIEVE_BODY,
+              dependencies=[Depends(authorize)],
+              summary="text → the collection's best images, or image → its best captions")
+    async def retrieve(self, request: Request) -> JSONResponse:
+        with _guard("retrieve"):
+            limits = self.cfg.limits
+            body = await self._read_json(request, RetrieveRequest)
+            collection = self._collection  # read once: the whole request uses one revision
+            if collection is None:
+                raise NotFound("this service has no retrieval collection: build one with `ogclip index build` and "
+                               "set retrieval.collection", code="no_collection")
+            if (body.text is None) == (body.image is None):
+                raise BadRequest("give exactly one of 'text' (to find images) or 'image' (to find captions)",
+                                 param="text")
+            if body.top_k > limits.max_top_k:
+                raise BadRequest(f"top_k {body.top_k} is over the limit of {limits.max_top_k}", param="top_k")
+            dim = self._dim(body.dim)
+            if body.text is not None:
+                if not body.text.strip():
+                    raise BadRequest("text is empty", param="text")
+                if len(body.text) > limits.max_text_chars:
+                    raise BadRequest(f"text is {len(body.text)} characters; the limit is {limits.max_text_chars}",
+                                     param="text")
+                query, index, direction = await self._encode_texts([body.text]), collection.images, "text_to_image"
+            else:
+                item = body.image
+
+                def decode() -> list[RawImage]:
+                    cap = limits.max_image_bytes
+                    return [RawImage(image=decode_base64(item.image, "image.image", cap),
+                                     mask=None if item.mask is None else decode_base64(item.mask, "image.mask", cap),
+                                     box=item.box)]
+
+                prepared = await asyncio.to_thread(self._prepare, await asyncio.to_thread(decode), None, ["image"], "")
+                query, index, direction = await self._encode_images(prepared), collection.texts, "image_to_text"
+            similarities, rows = await asyncio.to_thread(index.search, query, dim, body.top_k)
+            results = [{"rank": rank + 1, "id": collection.ids[row], "label": collection.labels[row],
+                        "caption": collection.captions[row], "similarity": float(similarity)}
+                       for rank, (similarity, row) in enumerate(zip(similarities[0], rows[0], strict=True))
+                       if row >= 0]
+            return JSONResponse({"model_version": collection.model_version,
+                                 "collection_revision": collection.revision, "direction": direction, "dim": dim,
+                                 "items": len(collection.ids), "results": results})
 
     def _count_tokens(self, texts: list[str]) -> int:
         tokens = self.model.tokenize(texts)

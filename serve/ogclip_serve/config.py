@@ -117,6 +117,14 @@ class ServeMaskConfig(StrictModel):
         return self
 
 
+class ServeRetrievalConfig(StrictModel):
+    """The collection ``/v1/retrieve`` searches (``ogclip index build`` writes it; embedded with this bundle), and
+    how often a replica looks for a new revision of it."""
+
+    collection: Path | None = Field(default=None, description="collection folder; None: no /v1/retrieve")
+    poll_interval_s: float = Field(default=5.0, gt=0, description="how often a replica checks for a new revision")
+
+
 class GatewayConfig(StrictModel):
     """The ingress deployment in front of the classifier replicas: it buffers each request (at most
     ``limits.max_request_bytes``), hands it to a replica, and re-sends an idempotent request (classify,
@@ -165,6 +173,7 @@ class ServeConfig(StrictModel):
     gateway: GatewayConfig = GatewayConfig()
     classes: ServeClassesConfig = ServeClassesConfig()
     masks: ServeMaskConfig = ServeMaskConfig()
+    retrieval: ServeRetrievalConfig = ServeRetrievalConfig()
     ray_num_cpus: int | None = Field(default=None, ge=1, description="local Ray's CPUs when no cluster is set")
     metrics_port: int | None = Field(
         default=None, gt=0, lt=65536, description="local Ray's Prometheus export port (on a cluster: "

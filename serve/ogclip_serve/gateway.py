@@ -4,9 +4,10 @@ Serve's proxy answers 500 for every request that was in flight on a replica when
 memory, its node gone). The gateway sits between the two: it reads each request (refusing bodies over
 ``limits.max_request_bytes`` and, on ``/v1``, requests without the bearer token before it buffers anything), hands
 it whole to a classifier replica through a deployment handle, and returns the replica's answer unchanged. When
-the replica dies first, an idempotent request (``POST /v1/classify``, ``POST /v1/embeddings``, any ``GET``) is
-sent again, to another replica (Serve's router drops a dead replica at once), up to ``gateway.retries`` times;
-anything else, or a request whose retries are spent, is answered 503 with ``Retry-After``. Back-pressure (the
+the replica dies first, an idempotent request (``POST /v1/classify``, ``/v1/embeddings``, ``/v1/retrieve``, any
+``GET``) is sent again, to another replica (Serve's router drops a dead replica at once), up to
+``gateway.retries`` times; anything else, or a request whose retries are spent, is answered 503 with
+``Retry-After``. Back-pressure (the
 replicas' queues full) is a 503 with ``Retry-After`` too, in the service's error format.
 
 Admission: each request carries the deadline its arrival sets (``gateway.latency_budget_s``); a replica refuses
@@ -43,7 +44,7 @@ from ogclip_serve.transport import Answer, Forwarded, error_response, forwardabl
 
 log = logging.getLogger("ogclip_serve")
 
-IDEMPOTENT_POSTS = ("/v1/classify", "/v1/embeddings")  # they change nothing a second call would see twice
+IDEMPOTENT_POSTS = ("/v1/classify", "/v1/embeddings", "/v1/retrieve")  # they only compute: safe to send twice
 # The longest the gateway's health check waits for a replica's /readyz: within Serve's 30 s health-check timeout,
 # past which Serve would count the gateway itself as unhealthy and replace it.
 HEALTH_CHECK_WAIT_S = 20.0

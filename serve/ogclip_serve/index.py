@@ -114,6 +114,30 @@ class Snapshot:
     load_seconds: float = 0.0
 
 
+@dataclass(frozen=True)
+class CollectionIndex:
+    """A retrieval collection as a replica serves it: its items and one flat index per served size for their image
+    embeddings and one for their captions'. Immutable and swapped whole, like :class:`Snapshot`."""
+
+    revision: str
+    model_version: str
+    ids: list[str]
+    labels: list[str]
+    captions: list[str]
+    images: VectorIndex
+    texts: VectorIndex
+    loaded_at: float = field(default_factory=time.time)
+
+    @classmethod
+    def load(cls, folder: Any, model_version: str, dims: list[int], use_gpu: bool = False) -> CollectionIndex:
+        """The current revision at ``folder`` (refused when embedded by another model)."""
+        from ogclip.collection import read_collection
+
+        found = read_collection(folder, expected_version=model_version)
+        return cls(found.revision, found.model_version, found.ids, found.labels, found.captions,
+                   VectorIndex(found.images, dims, use_gpu), VectorIndex(found.caption_vectors, dims, use_gpu))
+
+
 def scores(similarities: np.ndarray, logit_scale: float) -> np.ndarray:
     """Softmax over the candidates of ``logit_scale`` × cosine similarity, as CLIP's zero-shot classifier."""
     logits = logit_scale * similarities.astype(np.float64)

@@ -39,7 +39,8 @@ class ServiceMetrics:
                                  description="when the served class-embedding revision was loaded (unix time)")
         self.classes = Gauge("ogclip_classes", description="classes served per class set", tag_keys=("class_set",))
         self.reloads = Counter("ogclip_embedding_reloads", description="class-embedding snapshots loaded")
-        self.sync_errors = Counter("ogclip_embedding_sync_errors", description="failed polls or loads of the graph")
+        self.sync_errors = Counter("ogclip_embedding_sync_errors",
+                                   description="failed polls or loads of the graph or the retrieval collection")
         self.retries = Counter("ogclip_retries", description="requests sent again to another replica because "
                                "theirs stopped mid-request", tag_keys=("endpoint",))
         self.on_demand = Counter("ogclip_on_demand_embeddings", description="classes embedded by the replica's text "

@@ -63,6 +63,35 @@ class ClassifyResponse(BaseModel):
     results: list[ImageResult]
 
 
+# -- /v1/retrieve ------------------------------------------------------------------------------------------------
+
+
+class RetrieveRequest(_Strict):
+    """A text to find images for, or an image to find captions for (exactly one of the two)."""
+
+    text: str | None = Field(default=None, description="text → the collection's images that match it best")
+    image: ImageInput | None = Field(default=None, description="image → the collection's captions that match it best")
+    top_k: int = Field(default=10, ge=1)
+    dim: int | None = Field(default=None, description="embedding size to search at (default: the full size)")
+
+
+class RetrievedItem(BaseModel):
+    rank: int
+    id: str = Field(description="the collection item's id (for image → text: the item whose caption it is)")
+    label: str
+    caption: str
+    similarity: float = Field(description="cosine similarity of query and item at ``dim``")
+
+
+class RetrieveResponse(BaseModel):
+    model_version: str
+    collection_revision: str
+    direction: Literal["text_to_image", "image_to_text"]
+    dim: int
+    items: int = Field(description="items in the collection")
+    results: list[RetrievedItem]
+
+
 # -- /v1/classes, /readyz ----------------------------------------------------------------------------------------
 
 

@@ -2,6 +2,7 @@
 
 from ogclip.models.checkpoint import CheckpointError, LoadReport, load_checkpoint, read_state_dict, save_checkpoint
 from ogclip.models.detail import DetailCLIP
+from ogclip.models.mps import MPSCLIP
 from ogclip.models.mrl import MatryoshkaHead, granularity_dims, truncate
 from ogclip.models.ogclip import OGCLIP, ROIPatchEmbed
 from ogclip.models.registry import (
@@ -14,6 +15,7 @@ from ogclip.models.registry import (
 )
 
 __all__ = [
+    "MPSCLIP",
     "OGCLIP",
     "CheckpointError",
     "DetailCLIP",

@@ -1,8 +1,9 @@
 """Reading and writing model weights: safetensors, or weights-only torch files; never arbitrary pickles.
 
 One loader serves OpenCLIP checkpoints (``open_clip_pytorch_model.bin`` / ``open_clip_model.safetensors``, either
-state-dict layout) and OG-CLIP's own: the keys only OG-CLIP has (ROI conv, Matryoshka head) may be missing, and
-then keep their initialisation (the ROI conv stays zero, so the loaded model equals the checkpoint's CLIP).
+state-dict layout) and OG-CLIP's own: the keys a model adds to a CLIP (``ADDED_PREFIXES``: OG-CLIP's ROI conv and
+Matryoshka head, MPS-CLIP's adapters) may be missing, and then keep their initialisation (the ROI conv stays zero
+and the adapters start as the identity, so the loaded model equals the checkpoint's CLIP).
 """
 
 from __future__ import annotations
@@ -15,9 +16,6 @@ from open_clip.model import convert_to_custom_text_state_dict
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-# Parameters and buffers OG-CLIP adds on top of an open_clip CLIP.
-OGCLIP_ONLY_PREFIXES = ("visual.conv1.roi.", "mrl.")
-
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model; the message says which keys and why."""
@@ -27,7 +25,7 @@ class CheckpointError(ValueError):
 class LoadReport:
     path: Path
     loaded: int
-    initialised: tuple[str, ...]  # OG-CLIP-only keys the checkpoint lacked
+    initialised: tuple[str, ...]  # the model's added keys the checkpoint lacked
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
@@ -52,7 +50,8 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
 
 
 def load_checkpoint(model: nn.Module, path: str | Path) -> LoadReport:
-    """Load ``path`` into ``model``; every model key must be present except OG-CLIP-only ones, and nothing extra."""
+    """Load ``path`` into ``model``; every model key must be present except the parts the model adds to a CLIP
+    (``model.ADDED_PREFIXES``: OG-CLIP's ROI conv and Matryoshka head, an MPS-CLIP's adapters), and nothing extra."""
     path = Path(path)
     state = read_state_dict(path)
     expected = model.state_dict()
@@ -64,7 +63,8 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> LoadReport:
     if shape_errors:
         raise CheckpointError(f"{path}: shapes do not match the architecture: " + "; ".join(shape_errors[:5]))
     result = model.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith(OGCLIP_ONLY_PREFIXES)]
+    added = getattr(model, "ADDED_PREFIXES", ())
+    missing = [k for k in result.missing_keys if not k.startswith(added)]
     if missing or result.unexpected_keys:
         raise CheckpointError(
             f"{path}: does not fit the architecture; missing {missing[:8]}, unexpected {result.unexpected_keys[:8]}"

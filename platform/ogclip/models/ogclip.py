@@ -152,6 +152,10 @@ class OGCLIP(nn.Module):
     ``encode_image``/``encode_text`` return L2-normalised embeddings at any granularity.
     """
 
+    # Parameter names a CLIP checkpoint lacks and that keep their initialisation when it loads (the ROI conv starts
+    # at zero, so the loaded model equals the checkpoint's CLIP); subclasses add their own parts.
+    ADDED_PREFIXES: tuple[str, ...] = ("visual.conv1.roi.", "mrl.")
+
     def __init__(self, cfg: ModelConfig, name: str | None = None) -> None:
         super().__init__()
         self.cfg = cfg
@@ -266,7 +270,11 @@ class OGCLIP(nn.Module):
 
     @torch.no_grad()
     def _frozen_text(self, tokens: Tensor) -> Tensor:
-        """The frozen transformer's pooled output (the text tower with its projection switched off)."""
+        """The frozen transformer's pooled output, without gradients (what :meth:`text_features` caches)."""
+        return self._pooled_text(tokens)
+
+    def _pooled_text(self, tokens: Tensor) -> Tensor:
+        """The text transformer's pooled output (the text tower with its projection switched off)."""
         if isinstance(self.text, HFTextEncoder):
             used = (tokens != self.text.config.pad_token_id).any(dim=0).nonzero()
             tokens = tokens[:, : int(used.max()) + 1] if len(used) else tokens[:, :1]

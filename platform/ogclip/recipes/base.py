@@ -19,13 +19,20 @@ from ogclip.config import RecipeConfig
 class TrainBatch:
     """One training step's batch on the device: images (B,3,S,S) and masks (B,1,S,S) as the data gives them, the
     texts as token ids with the image each belongs to (``OGCLIP.forward``'s ``text_owner``; owners past the last
-    image are hard negatives), and the class index of each image (same-class pairs are positives)."""
+    image are hard negatives), and the class index of each image (same-class pairs are positives).
+
+    Scenes (``data: {kind: scenes}``) also bring their sub-perspectives: ``parts`` (P,3,S,S) and ``part_masks``
+    (P,1,S,S), one masked view per visible target, as the image tower reads them, and ``part_owner`` (P,), the
+    image each belongs to; their texts are captions, several per image."""
 
     images: Tensor
     masks: Tensor
     texts: Tensor
     text_owner: Tensor
     labels: Tensor
+    parts: Tensor | None = None
+    part_masks: Tensor | None = None
+    part_owner: Tensor | None = None
 
 
 Autocast = Callable[[], AbstractContextManager[Any]]
