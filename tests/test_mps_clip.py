@@ -196,7 +196,7 @@ def test_the_recipe_trains_adapters_on_scenes_and_the_bundle_serves(tmp_path: Pa
     frozen = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
     rows = [train_step(model, recipe, optimizer, s, cfg, batch, torch.Generator().manual_seed(0)) for s in range(4)]
     assert {"loss", "loss_con", "loss_tri", "loss_mpc", "loss_mpt"} <= set(rows[0])
-    assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
+    assert float(rows[-1]["loss"].detach()) < float(rows[0]["loss"].detach())
     # every trainable parameter is reached by the loss (DDP refuses otherwise); the backbone did not move
     assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
@@ -247,6 +247,26 @@ def test_the_scene_stream_renders_captioned_scenes_with_their_parts(graph) -> No
     cfg = TrainJobConfig.model_validate({"model": "og-clip-tiny", "data": {"kind": "scenes", "captions_per_image": 3},
                                          "recipe": {"kind": "mps-clip"}})
     assert cfg.data.kind == "scenes" and cfg.data.captions_per_image == 3 and cfg.recipe.kind == "mps-clip"
+
+
+def test_the_recipe_and_its_data_are_checked_together() -> None:
+    """Scenes are what mps-clip trains on and only it; its config has no single-target text settings (a scene is
+    contrasted with its own captions), so setting one is refused instead of silently ignored."""
+    from pydantic import ValidationError
+
+    from ogclip_jobs.config import TrainJobConfig
+
+    scenes = {"kind": "scenes"}
+    with pytest.raises(ValidationError, match="set data: {kind: scenes}"):
+        TrainJobConfig.model_validate({"data": {"kind": "synth"}, "recipe": {"kind": "mps-clip"}})
+    for other in ("og-clip", "detail-clip"):
+        with pytest.raises(ValidationError, match=f"only it, not '{other}'"):
+            TrainJobConfig.model_validate({"data": scenes, "recipe": {"kind": other}})
+    for unused in ({"hard_negatives": 4}, {"caption_ratio": 0.0}):
+        with pytest.raises(ValidationError, match=next(iter(unused))):
+            TrainJobConfig.model_validate({"data": scenes, "recipe": {"kind": "mps-clip", **unused}})
+    assert TrainJobConfig.model_validate({"data": scenes, "recipe": {"kind": "mps-clip", "prompts": "label"}}
+                                         ).recipe.prompts == "label"
 
 
 @pytest.mark.slow

@@ -295,6 +295,16 @@ class TrainJobConfig(StrictModel):
                                          "classes; the whole train set of the seed graph is 3,200 classes")
     ray_num_cpus: int | None = Field(default=None, ge=1, description="local Ray's CPUs when no cluster is set")
 
+    @model_validator(mode="after")
+    def _recipe_fits_data(self) -> TrainJobConfig:
+        scenes = isinstance(self.data, SceneStreamConfig)
+        if scenes != (self.recipe.kind == "mps-clip"):
+            raise ValueError("captioned scenes (data: {kind: scenes}) are what the mps-clip recipe trains on, and "
+                             f"only it, not {self.recipe.kind!r}" if scenes else
+                             "the mps-clip recipe trains on captioned scenes with sub-perspectives: set data: "
+                             "{kind: scenes}")
+        return self
+
 
 MaskMode = Literal["exact", "predicted", "box"]
 

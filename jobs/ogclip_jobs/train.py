@@ -37,7 +37,7 @@ from PIL import Image
 from torch import Tensor
 
 from ogclip.bundle import export_bundle
-from ogclip.config import PromptMode
+from ogclip.config import PromptMode, TextSupervision
 from ogclip.decode import decode_image
 from ogclip.models import OGCLIP, load_checkpoint, save_checkpoint
 from ogclip.recipes import Recipe, TrainBatch, create_recipe
@@ -588,13 +588,14 @@ def fit(cfg: TrainJobConfig, prompts: dict[str, list[str]], classes: list[str],
         renderers, datasets = RenderStream.start_renderers(cfg, preprocess, {key: facts[key] for key in classes}), {}
     else:
         renderers, datasets = None, {"train": training_dataset(cfg, preprocess, classes)}
+    # the facts the hard negatives are made from (looks one attribute away)
+    hard_negatives = (isinstance(cfg.recipe, TextSupervision) and cfg.recipe.hard_negatives > 0
+                      and cfg.recipe.prompts == "kg")
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"job": cfg.model_dump(mode="json"), "prompts": prompts, "run_dir": str(run_dir),
                            "renderers": renderers,
-                           # the facts the hard negatives are made from (looks one attribute away)
-                           "facts": dict(facts or {}) if cfg.recipe.hard_negatives and cfg.recipe.prompts == "kg"
-                           else None},
+                           "facts": dict(facts or {}) if hard_negatives else None},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu
                                                                                           else {})}),

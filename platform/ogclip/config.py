@@ -171,10 +171,17 @@ VisualPromptName = Literal["roi", "none", "red_circle", "background_mask"]
 PromptMode = Literal["kg", "label"]
 
 
-class TextSupervision(StrictModel):
-    """What every recipe's image tower is contrasted with: the classes' graph prompts or captions."""
+class ClassPrompts(StrictModel):
+    """How every recipe puts its classes into words: the export's class embeddings, the evaluation and the
+    service's class sets all embed the classes this way."""
 
     prompts: PromptMode = Field(default="kg", description="'kg': graph prompts + captions (KG-Aug); 'label': names")
+
+
+class TextSupervision(ClassPrompts):
+    """What a recipe that trains on single targets contrasts each image with: its class's prompt ensemble or its
+    caption, and looks one attribute away as hard negatives."""
+
     caption_ratio: float = Field(
         default=0.5, ge=0, le=1, description="with 'kg' prompts, the share of images trained against their own "
         "caption instead of their class's prompt ensemble")
@@ -217,9 +224,10 @@ class DetailCLIPRecipeConfig(TextSupervision):
     head: DetailConfig = DetailConfig()
 
 
-class MPSCLIPRecipeConfig(TextSupervision):
+class MPSCLIPRecipeConfig(ClassPrompts):
     """The MPS-CLIP recipe (``recipe: {kind: mps-clip, …}``): a frozen backbone (the run's ``pretrained``
-    checkpoint) with adapters on both towers, trained on captioned multi-target scenes and their sub-perspectives:
+    checkpoint) with adapters on both towers, trained on captioned multi-target scenes and their sub-perspectives
+    (each scene against its own captions, so it has no caption share or hard negatives):
     L = L_con + w_tri · L_tri + w_mp · (L_MPC + w_tri · L_MPT) (:mod:`ogclip.recipes.mps_clip`)."""
 
     kind: Literal["mps-clip"] = "mps-clip"
