@@ -12,15 +12,27 @@ from conftest import write_shards
 from ogclip_jobs.ablation import (
     ABLATIONS,
     VARIANTS,
+    RetrievalScoring,
+    ZeroShotScoring,
     _int_dims,
     ablation_markdown,
+    arm_settings,
     dense_record,
+    retrieval_record,
     run_means,
     variant_config,
     variant_eval,
     zero_shot_record,
 )
-from ogclip_jobs.config import AblationConfig, DenseConfig, EvalConfig, SynthStreamConfig, TrainConfig, TrainJobConfig
+from ogclip_jobs.config import (
+    AblationConfig,
+    DenseConfig,
+    EvalConfig,
+    RetrievalConfig,
+    SynthStreamConfig,
+    TrainConfig,
+    TrainJobConfig,
+)
 from ogclip_jobs.train import build_model_config_preprocess
 
 
@@ -154,7 +166,7 @@ def test_the_table_shows_each_arms_settings_and_every_score_over_seeds() -> None
                         "seeds": {0: _run(0.2, 0.1, 0.3), 1: _run(0.4, 0.3, 0.5)}},
                "DetailCLIP, random removal": {"settings": {"removal_mode": "random"},
                                               "seeds": {0: _run(0.5, 0.2, 0.1), 1: _run(0.5, 0.2, 0.1)}}}
-    text = ablation_markdown(cfg, results, classes=99)
+    text = ablation_markdown(cfg, results, ZeroShotScoring(cfg, rows=[{}] * 99))
     header = next(line for line in text.splitlines() if line.startswith("| model"))
     assert header.split(" | ")[1:3] == ["alpha cls", "removal mode"]
     for column in ("class mIoU %", "super-category mIoU %", "small-target IoU %", "kept on target %",
@@ -164,7 +176,8 @@ def test_the_table_shows_each_arms_settings_and_every_score_over_seeds() -> None
     assert clip[1:3] == ["0.0", "attention"] and "30.0 ± 10.0" in clip and "20.0 ± 10.0" in clip
     assert "40.0 ± 10.0" in clip, "the kept-on-target share over seeds"
     assert "mAcc % vs embedding dimension" not in text, "dimension curves are OG-CLIP's"
-    plain = ablation_markdown(cfg.model_copy(update={"dense": None}), results, classes=99)
+    plain_cfg = cfg.model_copy(update={"dense": None})
+    plain = ablation_markdown(plain_cfg, results, ZeroShotScoring(plain_cfg, rows=[{}] * 99))
     assert "class mIoU %" not in plain
 
 
@@ -217,3 +230,134 @@ def test_a_detail_clip_ablation_trains_on_ray_and_adds_the_dense_probe_without_r
     assert len(calls) == 2 and calls[1][0] == calls[0][0], "the finished run is loaded with its own config"
     assert any(line.startswith("[ablation 1/1] loading ") for line in lines), "\n".join(lines)
     assert changed["macc"] == first["macc"] and changed["seeds"][0]["dense"]["counts"]["fit_scenes"] == 5
+
+
+MPS_BUDGET = {"name": "mps", "model": "og-clip-tiny", "pretrained": "backbone",
+              "recipe": {"kind": "mps-clip", "adapters": {"adapter": "g2a", "dim": 8, "heads": 2, "perspectives": 2}},
+              "data": {"kind": "scenes", "seed": 10}, "train": {"steps": 77, "batch_size": 5}}
+
+
+def test_mps_clip_arms_change_the_adapter_then_add_the_loss_terms() -> None:
+    base = TrainJobConfig.model_validate(MPS_BUDGET)
+    arms = ABLATIONS["mps-clip"]
+    assert arms["frozen backbone"] is None, "the backbone as it is: nothing to train"
+    configs = {name: variant_config(base, name, 1) for name in arms}
+    assert all(c.train == base.train and c.pretrained == base.pretrained and c.data.seed == 11
+               for c in configs.values())
+    recipes = {name: (c.recipe.adapters.adapter, c.recipe.triplet_weight, c.recipe.perspective_weight,
+                      c.recipe.triplet_reduction, c.recipe.full_finetune) for name, c in configs.items()}
+    assert recipes == {
+        "frozen backbone": ("g2a", 1.0, 0.2, "sum", False),
+        "+bottleneck adapters": ("bottleneck", 0.0, 0.0, "sum", False),
+        "+G²A adapters": ("g2a", 0.0, 0.0, "sum", False),
+        "+multi-perspective contrastive": ("g2a", 0.0, 0.2, "sum", False),
+        "+weighted triplet (MPS-CLIP)": ("g2a", 1.0, 0.2, "sum", False),
+        "MPS-CLIP, triplet averaged": ("g2a", 1.0, 0.2, "mean", False),
+        "full fine-tuning": ("g2a", 1.0, 0.2, "sum", True),
+    }
+    # a nested change keeps the budget's other adapter settings, and the table names it by its dotted path
+    assert configs["+bottleneck adapters"].recipe.adapters.dim == 8
+    assert arm_settings(base, "+bottleneck adapters") == {"adapters.adapter": "bottleneck", "triplet_weight": 0.0,
+                                                          "perspective_weight": 0.0}
+    assert arm_settings(base, "frozen backbone") == {}
+
+
+def test_every_mps_clip_arm_trains_a_step_and_reaches_every_trainable_parameter(tmp_path: Path) -> None:
+    """Arms without the maximum-response terms leave the MPR heads frozen: data-parallel training refuses a
+    trainable parameter that no loss reaches."""
+    import torch
+    from conftest import MICRO_MINILM, images_and_masks
+
+    import ogclip
+    from ogclip.recipes import TrainBatch, create_recipe
+    from ogclip_jobs.train import build_optimizer, train_step
+
+    torch.manual_seed(0)
+    ogclip.save_checkpoint(ogclip.create_model("og-clip-tiny", device="cpu", **MICRO_MINILM),
+                           tmp_path / "model.safetensors")
+    base = TrainJobConfig.model_validate(MPS_BUDGET)
+    images, _ = images_and_masks(batch=4)
+    parts, part_masks = images_and_masks(batch=6, seed=1)
+    for name, change in ABLATIONS["mps-clip"].items():
+        if change is None:
+            continue
+        recipe = create_recipe(variant_config(base, name).recipe)
+        model = ogclip.create_model("og-clip-tiny", device="cpu", **MICRO_MINILM, **recipe.model_overrides())
+        ogclip.load_checkpoint(model, tmp_path / "model.safetensors")
+        model = recipe.select_trainable(model)
+        batch = TrainBatch(images=images, masks=torch.ones(4, 1, 32, 32),
+                           texts=model.tokenize([f"scene {i}, caption {c}." for i in range(4) for c in range(2)]),
+                           text_owner=torch.arange(4).repeat_interleave(2), labels=torch.arange(4), parts=parts,
+                           part_masks=part_masks, part_owner=torch.tensor([0, 0, 1, 2, 3, 3]))
+        train = TrainConfig(lr=1e-3, warmup_steps=1, steps=2)
+        terms = train_step(model, recipe, build_optimizer(model, train), 0, train, batch,
+                           torch.Generator().manual_seed(0))
+        assert torch.isfinite(terms["loss"].detach()), name
+        assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == [], name
+        assert any(p.requires_grad for p in model.mpr.parameters()) == (recipe.cfg.perspective_weight > 0), name
+
+
+def test_a_retrieval_record_holds_for_the_same_budget_and_scenes(tmp_path: Path) -> None:
+    base = variant_config(TrainJobConfig.model_validate(MPS_BUDGET), "+G²A adapters")
+    record = retrieval_record(tmp_path, "+G²A adapters", 0, base, RetrievalConfig(scenes=20))
+    assert record.path == tmp_path / "g-a-adapters-s0-retrieval.json" and record.load() is None
+    record.save({"sub_perspectives": {"none": {"mR": 5.0}}})
+    assert retrieval_record(tmp_path, "+G²A adapters", 0, base, RetrievalConfig(
+        scenes=20, bundle=tmp_path / "elsewhere", output_dir=tmp_path / "out")).load() is not None, \
+        "the bundle and output folder of `eval retrieval` are not read by the ablation"
+    assert retrieval_record(tmp_path, "+G²A adapters", 0, base, RetrievalConfig(scenes=21)).load() is None
+
+
+def test_the_retrieval_table_gives_mr_per_sub_perspective_over_seeds() -> None:
+    train = TrainJobConfig.model_validate(MPS_BUDGET)
+    cfg = AblationConfig(train=train, seeds=[0, 1], retrieval=RetrievalConfig(sub_perspectives=["none", "noisy"]))
+
+    def run(mr: float) -> dict:
+        scores = {"mR": mr, "i2t_r1": mr / 2, "t2i_r1": mr / 5}
+        return {"sub_perspectives": {"none": scores, "noisy": {**scores, "mR": mr + 1}}, "training": {}}
+
+    results = {"frozen backbone": {"settings": {}, "seeds": {0: run(3.0), 1: run(3.0)}},
+               "+G²A adapters": {"settings": arm_settings(train, "+G²A adapters"), "seeds": {0: run(5.0), 1: run(7.0)}}}
+    text = ablation_markdown(cfg, results, RetrievalScoring(cfg, rows={}))
+    header = next(line for line in text.splitlines() if line.startswith("| model")).strip(" |")
+    assert header.split(" | ")[1:4] == ["adapters.adapter", "triplet weight", "perspective weight"]
+    assert header.split(" | ")[4:8] == ["mR % none", "mR % noisy", "I→T R@1 % none", "T→I R@1 % none"]
+    g2a = next(line for line in text.splitlines() if line.startswith("| +G²A adapters |")).strip(" |").split(" | ")
+    assert g2a[4:8] == ["6.0 ± 1.0", "7.0 ± 1.0", "3.0 ± 0.5", "1.2 ± 0.2"]
+    assert "frozen backbone: the `pretrained` bundle as it is, not trained" in text
+    assert "mAcc" not in text and "vs embedding dimension" not in text
+
+
+@pytest.mark.slow
+def test_an_mps_clip_ablation_scores_the_backbone_once_and_trains_the_arms_on_ray(
+        tmp_path: Path, graph, job_settings) -> None:
+    """The frozen backbone is scored, not trained, with one record for every seed; a trained arm runs on Ray Train
+    per seed; running the same command again trains and scores nothing."""
+    import torch
+
+    import ogclip
+    from ogclip_jobs.ablation import run_ablation
+
+    torch.manual_seed(0)
+    backbone = ogclip.export_bundle(ogclip.create_model("og-clip-tiny", device="cpu"), tmp_path / "backbone")
+    train = TrainJobConfig.model_validate({
+        **MPS_BUDGET, "pretrained": str(backbone.path), "output_dir": str(tmp_path / "runs"),
+        "data": {"kind": "scenes", "max_classes": 40, "targets_per_scene": [2, 3], "val_scenes": 0},
+        "train": {"lr": 1e-3, "warmup_steps": 1, "steps": 2, "batch_size": 4},
+        "num_workers": 1, "cpus_per_worker": 1, "checkpoint_every": 2, "log_every": 1, "ray_num_cpus": 2})
+    cfg = AblationConfig(train=train, seeds=[0, 1], variants=["frozen backbone", "+G²A adapters"],
+                         retrieval=RetrievalConfig(scenes=6, targets_per_scene=(2, 3), sub_perspectives=["none"]),
+                         output_dir=tmp_path / "ablation")
+    lines: list[str] = []
+    results = run_ablation(cfg, lines.append)
+    assert sum(line.startswith("[ablation 2/2] training +G²A adapters, seed") for line in lines) == 2
+    assert not any("training frozen backbone" in line for line in lines)
+    frozen = results["frozen backbone"]
+    assert frozen["seeds"][0] == frozen["seeds"][1] and frozen["mR_std"]["none"] == 0.0
+    assert sorted(p.name for p in (tmp_path / "ablation" / "runs").iterdir()) == [
+        "frozen-backbone-s0-retrieval.json", "g-a-adapters-s0-retrieval.json", "g-a-adapters-s1-retrieval.json"]
+    assert 0.0 <= results["+G²A adapters"]["mR"]["none"] <= 100.0
+    assert "mR % none" in (tmp_path / "ablation" / "ablation.md").read_text()
+    lines.clear()
+    again = run_ablation(cfg, lines.append)
+    assert sum("not retrained" in line for line in lines) == 4 and again == results

@@ -34,7 +34,8 @@ CONFIG_SCHEMAS = {"infra/configs/demo.yaml": DemoConfig, "infra/configs/demo-gpu
                   "infra/configs/train-8gpu.yaml": TrainJobConfig, "infra/configs/eval-cluster.yaml": EvalConfig,
                   "infra/configs/detailclip-cpu.yaml": TrainJobConfig, "infra/configs/dense-cpu.yaml": DenseConfig,
                   "infra/configs/ablation-detailclip-cpu.yaml": AblationConfig,
-                  "infra/configs/mpsclip-cpu.yaml": TrainJobConfig}
+                  "infra/configs/mpsclip-cpu.yaml": TrainJobConfig,
+                  "infra/configs/ablation-mpsclip-cpu.yaml": AblationConfig}
 
 
 def test_platform_is_the_standard_library_module() -> None:

@@ -450,7 +450,9 @@ class IndexBuildConfig(StrictModel):
 
 class AblationConfig(StrictModel):
     """``ogclip eval ablation``: the arms of ``train``'s recipe (OG-CLIP's building blocks and baselines,
-    DetailCLIP's losses and removal modes), each trained with ``train``'s budget."""
+    DetailCLIP's losses and removal modes, MPS-CLIP's adapters and loss terms), each trained with ``train``'s
+    budget; OG-CLIP and DetailCLIP scored zero-shot (``eval``, and ``dense``), MPS-CLIP by retrieval
+    (``retrieval``)."""
 
     train: TrainJobConfig
     eval: EvalConfig = EvalConfig()
@@ -459,6 +461,8 @@ class AblationConfig(StrictModel):
                              "table gives mean ± std (3 seeds or more before calling one variant better)")
     dense: DenseConfig | None = Field(default=None, description="also score every model with the dense probe "
                                       "(`ogclip eval dense`; its zero_shot section is not read: `eval` is)")
+    retrieval: RetrievalConfig = Field(default=RetrievalConfig(), description="what MPS-CLIP's arms are scored by "
+                                       "instead of `eval` (its bundle and output_dir are not read)")
     output_dir: Path = Path("outputs/ablation")
 
 

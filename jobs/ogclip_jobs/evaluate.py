@@ -47,8 +47,8 @@ _log = logging.getLogger(__name__)
 
 
 def slug(name: str) -> str:
-    """A name as a file-name part: 'CLIP + ROI' → 'clip-roi'."""
-    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
+    """A name as a file-name part, ASCII letters and digits only: 'CLIP + ROI' → 'clip-roi', 'G²A' → 'g-a'."""
+    return "".join(c if c.isascii() and c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
 
 
 def roi_mask(mode: MaskMode, image: Any, exact: np.ndarray, segmenter: Any = None) -> np.ndarray:

@@ -121,9 +121,11 @@ class MPSCLIPRecipe(Recipe):
 
     def select_trainable(self, model: nn.Module) -> nn.Module:
         """Freeze the backbone: only the adapters and the MPR heads train; with ``full_finetune`` the image tower,
-        the text projection and the heads instead (the adapters stay the identity). Returns ``model``."""
+        the text projection and the heads instead (the adapters stay the identity). The heads serve only the
+        maximum-response terms: with ``perspective_weight`` 0 they stay frozen (data-parallel training refuses a
+        trainable parameter that no loss reaches). Returns ``model``."""
         model.requires_grad_(False)
-        model.mpr.requires_grad_(True)
+        model.mpr.requires_grad_(self.cfg.perspective_weight > 0)
         if self.cfg.full_finetune:
             model.visual.requires_grad_(True)
             for param in model.text_projection_parameters():
