@@ -13,6 +13,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -762,6 +763,36 @@ def test_a_new_collection_revision_is_swapped_in_while_serving(service: Service,
             assert body["items"] == 25 and all(r["id"] in ids for r in body["results"])
         time.sleep(0.1)
     assert served[-6:] == [after] * 6, f"revision {after} was not served by every replica within 30 s"
+
+    # A damaged revision (its image embeddings unreadable) named by CURRENT: every replica keeps serving `after`,
+    # and readiness names the revision that failed and why; CURRENT back on `after` clears it.
+    from ogclip.collection import CURRENT
+
+    def point(revision: str) -> None:
+        (folder / ".pointer").write_text(revision + "\n")
+        os.replace(folder / ".pointer", folder / CURRENT)
+
+    damaged = "col-damaged000000000"
+    shutil.copytree(folder / after, folder / damaged)
+    (folder / damaged / "images.npy").write_bytes(b"damaged")
+    point(damaged)
+    reports: list[dict[str, Any] | None] = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not (len(reports) >= 6 and all(
+            r is not None and r["failed_revision"] == damaged for r in reports[-6:])):
+        response = service.post("/v1/retrieve", json={"text": "a ship", "top_k": 3})
+        assert response.status_code == 200 and response.json()["collection_revision"] == after, response.text
+        reports.append(service.get("/readyz").json().get("collection"))
+        time.sleep(0.1)
+    assert all(r["failed_revision"] == damaged and r["revision"] == after and r["items"] == 25
+               and "cannot be read" in r["error"] for r in reports[-6:]), reports[-6:]
+    point(after)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(r["failed_revision"] for r in reports[-6:]):
+        reports.append(service.get("/readyz").json()["collection"])
+        time.sleep(0.1)
+    assert [r["failed_revision"] for r in reports[-6:]] == [None] * 6 and reports[-1]["revision"] == after
+    shutil.rmtree(folder / damaged)
 
 
 def test_every_bad_input_is_a_clear_4xx_and_the_replicas_survive(service: Service, world: World) -> None:

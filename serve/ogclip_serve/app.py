@@ -355,6 +355,8 @@ class OGClipClassifier:
         self._on_snapshot(self._snapshot, previous=None, reloaded=True)
         # a configured collection embedded by another model refuses the start, like class embeddings do
         self._collection: CollectionIndex | None = self._load_collection()
+        # the revision CURRENT named that could not be loaded, and why (a revision is immutable: not retried)
+        self._collection_failed: tuple[str, str] | None = None
         self._extra: dict[str, tuple[ClassInfo, np.ndarray]] = {}  # explicit labels outside the served sets
         self._extra_revision = self._snapshot.revision
         self.last_sync_error: str | None = None
@@ -392,7 +394,9 @@ class OGClipClassifier:
         return CollectionIndex.load(folder, self.bundle.model_version, self.dims, use_gpu=self.device.type == "cuda")
 
     def _poll_collection(self) -> None:
-        """Swap in a new revision of the collection when ``CURRENT`` names one (a failure keeps the last good)."""
+        """Swap in a new revision of the collection when ``CURRENT`` names one. A revision that cannot be loaded
+        (damaged, or embedded by another model) leaves the last good one served; it is reported by ``/readyz`` and
+        counted once, and not read again (revisions never change) while ``CURRENT`` names it."""
         from ogclip.collection import current_revision
 
         folder = self.cfg.retrieval.collection
@@ -400,14 +404,18 @@ class OGClipClassifier:
             return
         revision = current_revision(folder)
         served = self._collection.revision if self._collection is not None else None
-        if revision is None or revision == served:
+        if revision is not None and revision == served:  # CURRENT back on the served revision: nothing failed
+            self._collection_failed = None
+        failed = self._collection_failed[0] if self._collection_failed is not None else None
+        if revision is None or revision in (served, failed):
             return
         try:
             self._collection = CollectionIndex.load(folder, self.bundle.model_version, self.dims,
                                                     use_gpu=self.device.type == "cuda")
+            self._collection_failed = None
             log.info("retrieval collection %s -> %s (%d items)", served, revision, len(self._collection.ids))
         except Exception as exc:  # a damaged or foreign revision: keep serving the last good one
-            self.last_sync_error = f"collection {revision}: {type(exc).__name__}: {exc}"
+            self._collection_failed = (revision, f"{type(exc).__name__}: {exc}")
             self.metrics.sync_errors.inc()
             log.warning("retrieval collection %s not loaded (serving %s): %s", revision, served, exc)
 
@@ -650,7 +658,17 @@ class OGClipClassifier:
         return {"status": "ready", "model": self.bundle.name, "model_version": snapshot.model_version,
                 "revision": snapshot.revision, "dims": self.dims,
                 "classes": {name: len(s.classes) for name, s in snapshot.class_sets.items()},
-                "snapshot_age_s": round(time.time() - snapshot.loaded_at, 3), "last_sync_error": self.last_sync_error}
+                "snapshot_age_s": round(time.time() - snapshot.loaded_at, 3), "last_sync_error": self.last_sync_error,
+                "collection": self._collection_status()}
+
+    def _collection_status(self) -> dict[str, Any] | None:
+        """What ``/readyz`` says of the retrieval collection (None when none is configured)."""
+        if self.cfg.retrieval.collection is None:
+            return None
+        collection, failed = self._collection, self._collection_failed
+        return {"revision": collection.revision if collection is not None else None,
+                "items": len(collection.ids) if collection is not None else 0,
+                "failed_revision": failed[0] if failed else None, "error": failed[1] if failed else None}
 
     @app.get("/v1/models", response_model=ModelList, responses=_ERRORS, dependencies=[Depends(authorize)],
              summary="the served model (OpenAI-compatible listing)")

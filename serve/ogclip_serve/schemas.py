@@ -116,6 +116,14 @@ class ClassesResponse(BaseModel):
     class_sets: list[ClassSetSummary]
 
 
+class CollectionStatus(BaseModel):
+    revision: str | None = Field(description="the collection revision /v1/retrieve serves (None: none yet)")
+    items: int
+    failed_revision: str | None = Field(description="the newest revision that could not be loaded (the one "
+                                        "before stays served)")
+    error: str | None
+
+
 class ReadyResponse(BaseModel):
     status: Literal["ready"]
     model: str | None
@@ -125,6 +133,7 @@ class ReadyResponse(BaseModel):
     dims: list[int]
     snapshot_age_s: float
     last_sync_error: str | None
+    collection: CollectionStatus | None = Field(default=None, description="with retrieval.collection configured")
 
 
 # -- /v1/embeddings (OpenAI shape) -------------------------------------------------------------------------------
