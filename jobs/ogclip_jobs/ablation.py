@@ -89,7 +89,7 @@ DIM_CURVES = {"Adaptive MRL": "+Adaptive MRL (OG-CLIP)", "plain MRL": "plain MRL
 RUN_MEANS = ("kept_on_target", "target_share")
 
 
-def arms_of(train: TrainJobConfig) -> dict[str, dict[str, Any]]:
+def arms_of(train: TrainJobConfig) -> dict[str, dict[str, Any] | None]:
     """The arms of the budget's recipe (ValueError for a recipe without an ablation)."""
     if train.recipe.kind not in ABLATIONS:
         raise ValueError(f"no ablation is defined for recipe {train.recipe.kind!r}; known: {sorted(ABLATIONS)}")
