@@ -275,6 +275,8 @@ def main() -> None:
     parser.add_argument("--overload", type=int, metavar="CLIENTS",
                         help="measure admission control under this many clients instead (see above)")
     parser.add_argument("--seconds", type=float, default=30.0, help="how long the --overload clients send")
+    parser.add_argument("--batch-wait-s", type=float, help="the batched service's batch_wait_timeout_s (default: "
+                        "the service's default)")
     args = parser.parse_args()
 
     from ray import serve
@@ -367,7 +369,11 @@ def main() -> None:
         port = start_serve(stack, home, settings)
         deployment = ServeDeploymentConfig(num_cpus=1.0, autoscaling=ServeAutoscalingConfig(min_replicas=1,
                                            max_replicas=1), max_ongoing_requests=64, max_queued_requests=512)
-        modes = {"batched": ServeBatchingConfig(enabled=True, max_batch_size=32, batch_wait_timeout_s=0.005),
+        batched = ServeBatchingConfig(enabled=True, max_batch_size=32)
+        if args.batch_wait_s is not None:
+            batched = batched.model_copy(update={"batch_wait_timeout_s": args.batch_wait_s})
+        report["batching"] = batched.model_dump()
+        modes = {"batched": batched,
                  "unbatched": ServeBatchingConfig(enabled=False)}
         for mode, batching in modes.items():
             cfg = base.model_copy(update={"app_name": mode, "port": port, "deployment": deployment.model_copy(
@@ -385,7 +391,8 @@ def main() -> None:
 
     print()
     print(f"POST /v1/classify, one 64-px image + mask, {args.classes} classes, full dim "
-          f"({args.requests} requests per row):")
+          f"({args.requests} requests per row; batched: up to {report['batching']['max_batch_size']}, waiting "
+          f"{report['batching']['batch_wait_timeout_s'] * 1000:g} ms for a batch to fill):")
     print(f"{'':<22}{'conc.':>6}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
     for mode in ("batched", "unbatched", "noop"):
         for concurrency, r in report["serve"][mode].items():

@@ -337,6 +337,7 @@ def test_gateway_resends_only_idempotent_requests_and_only_for_a_lost_replica() 
     from ogclip_serve.transport import error_response
 
     assert idempotent("POST", "/v1/classify") and idempotent("POST", "/api/v1/embeddings/")
+    assert idempotent("POST", "/v1/retrieve")
     assert idempotent("GET", "/v1/classes") and idempotent("HEAD", "/readyz")
     assert not idempotent("POST", "/v1/nowhere") and not idempotent("DELETE", "/v1/classify")
     assert replica_lost(ActorDiedError()) and replica_lost(ActorUnavailableError("gone", None))
@@ -1163,23 +1164,27 @@ def test_overload_is_refused_with_503_not_queued(service: Service, world: World)
 
 def _kill_under_load(service: Service, images: list[dict[str, Any]], kill: int
                      ) -> tuple[Counter[int], list[requests.Response]]:
-    """Four clients classify without pause; ``kill`` classifier replicas are killed among them; the clients stop
-    a few seconds later (each once it has its answer), and the deployment gets its two replicas back. The
-    clients' statuses (-1: no answer at all) and their non-200 answers."""
+    """Four clients without pause, two classifying ``images`` and two asking /v1/retrieve (both idempotent: the
+    gateway may resend them); ``kill`` classifier replicas are killed among them; the clients stop a few seconds
+    later (each once it has its answer), and the deployment gets its two replicas back. The clients' statuses (-1:
+    no answer at all; both routes asserted to have been answered) and their non-200 answers."""
     import ray
     from ray import serve
 
     statuses: Counter[int] = Counter()
+    answered: Counter[str] = Counter()
     failures: list[requests.Response] = []
     stop = threading.Event()
+    routes = {"/v1/classify": {"images": images}, "/v1/retrieve": {"text": "a grey aircraft", "top_k": 5}}
 
-    def load() -> None:
+    def load(route: str) -> None:
         with requests.Session() as session:
             while not stop.is_set():
                 try:
-                    response = session.post(service.url + "/v1/classify", json={"images": images}, timeout=300,
+                    response = session.post(service.url + route, json=routes[route], timeout=300,
                                             headers={"Authorization": f"Bearer {TOKEN}"})
                     statuses[response.status_code] += 1
+                    answered[route] += response.status_code == 200
                     if response.status_code != 200:
                         failures.append(response)
                 except requests.RequestException:
@@ -1201,7 +1206,7 @@ def _kill_under_load(service: Service, images: list[dict[str, Any]], kill: int
     # Serve may still be replacing a replica when this starts (seen once: two replica actors, one of them RUNNING,
     # right after the previous test's load): the kill is aimed at two running replicas.
     replicas = sorted(steady(set(), 120))
-    threads = [threading.Thread(target=load) for _ in range(4)]
+    threads = [threading.Thread(target=load, args=(route,)) for route in routes for _ in range(2)]
     for thread in threads:
         thread.start()
     try:
@@ -1217,6 +1222,7 @@ def _kill_under_load(service: Service, images: list[dict[str, Any]], kill: int
             thread.join()
     # The replacements start without load on the two cores: quicker, and the next test finds two replicas.
     steady(set(replicas[:kill]), 180)
+    assert all(answered[route] for route in routes), answered
     return statuses, failures
 
 
@@ -1230,7 +1236,8 @@ def _retries_exported(service: Service) -> float:
 @pytest.mark.slow
 def test_replica_killed_under_load_loses_no_request(service: Service, world: World) -> None:
     """A replica killed mid-request: the requests in flight on it are sent again to the other replica by the
-    gateway (classify is idempotent), so every client gets its answer; no 500, no dropped connection."""
+    gateway (classify and retrieve are idempotent), so every client gets its answer; no 500, no dropped
+    connection."""
     images = [{"image": b64(png(image))} for _, image, _ in renders(world.test_rows, 2, seed=31)]
     statuses, failures = _kill_under_load(service, images, kill=1)
     print(f"one replica killed under load: {dict(statuses)} (-1 = no answer)")
