@@ -475,12 +475,12 @@ class OGClipClassifier:
 
     # -- batching ------------------------------------------------------------------------------------------------
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def _image_batch(self, items: list[PreparedImage]) -> list[np.ndarray]:
         self.metrics.batch("image", len(items))
         return list(await asyncio.to_thread(image_features, self.model, self.device, items))
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def _text_batch(self, texts: list[str]) -> list[np.ndarray]:
         self.metrics.batch("text", len(texts))
         return list(await asyncio.to_thread(text_features, self.model, texts))

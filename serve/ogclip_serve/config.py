@@ -50,7 +50,9 @@ class ServeBatchingConfig(StrictModel):
 
     enabled: bool = True
     max_batch_size: int = Field(default=16, ge=1)
-    batch_wait_timeout_s: float = Field(default=0.005, ge=0, description="how long a partial batch waits to fill")
+    batch_wait_timeout_s: float = Field(
+        default=0.0, ge=0, description="how long a partial batch waits to fill; 0: a batch is what queued while the "
+        "last one ran (a lone request is not held back; under load the queue fills the batches)")
 
 
 class ServeLimitsConfig(StrictModel):
