@@ -423,7 +423,6 @@ def run_ablation(cfg: AblationConfig, log: Callable[[str], None] = _log.info,
                     if scores[kind] is None:
                         scores[kind] = scoring.score(kind, model, train_cfg)
                         record.save(scores[kind])
-                model = None
             primary, *extra = records
             runs[seed] = {**scores[primary], **{kind: scores[kind] for kind in extra}}
             log(f"[ablation {i}/{len(names)}] {name}, seed {seed}: {scoring.line(runs[seed])}")
