@@ -245,15 +245,18 @@ def test_mps_clip_arms_change_the_adapter_then_add_the_loss_terms() -> None:
     assert all(c.train == base.train and c.pretrained == base.pretrained and c.data.seed == 11
                for c in configs.values())
     recipes = {name: (c.recipe.adapters.adapter, c.recipe.triplet_weight, c.recipe.perspective_weight,
-                      c.recipe.triplet_reduction, c.recipe.full_finetune) for name, c in configs.items()}
+                      c.recipe.triplet_reduction, c.recipe.adapters.perspectives, c.recipe.perspective_response,
+                      c.recipe.full_finetune) for name, c in configs.items()}
     assert recipes == {
-        "frozen backbone": ("g2a", 1.0, 0.2, "sum", False),
-        "+bottleneck adapters": ("bottleneck", 0.0, 0.0, "sum", False),
-        "+G²A adapters": ("g2a", 0.0, 0.0, "sum", False),
-        "+multi-perspective contrastive": ("g2a", 0.0, 0.2, "sum", False),
-        "+weighted triplet (MPS-CLIP)": ("g2a", 1.0, 0.2, "sum", False),
-        "MPS-CLIP, triplet averaged": ("g2a", 1.0, 0.2, "mean", False),
-        "full fine-tuning": ("g2a", 1.0, 0.2, "sum", True),
+        "frozen backbone": ("g2a", 1.0, 0.2, "sum", 2, "max", False),
+        "+bottleneck adapters": ("bottleneck", 0.0, 0.0, "sum", 2, "max", False),
+        "+G²A adapters": ("g2a", 0.0, 0.0, "sum", 2, "max", False),
+        "+multi-perspective contrastive": ("g2a", 0.0, 0.2, "sum", 2, "max", False),
+        "+weighted triplet (MPS-CLIP)": ("g2a", 1.0, 0.2, "sum", 2, "max", False),
+        "MPS-CLIP, triplet averaged": ("g2a", 1.0, 0.2, "mean", 2, "max", False),
+        "MPS-CLIP, K = 1": ("g2a", 1.0, 0.2, "sum", 1, "max", False),
+        "MPS-CLIP, mean response": ("g2a", 1.0, 0.2, "sum", 2, "mean", False),
+        "full fine-tuning": ("g2a", 1.0, 0.2, "sum", 2, "max", True),
     }
     # a nested change keeps the budget's other adapter settings, and the table names it by its dotted path
     assert configs["+bottleneck adapters"].recipe.adapters.dim == 8

@@ -16,7 +16,12 @@ import ogclip
 from ogclip.config import MPSCLIPRecipeConfig, MPSConfig
 from ogclip.models import MPSCLIP, save_checkpoint
 from ogclip.recipes import MPSCLIPRecipe, TrainBatch, create_recipe
-from ogclip.recipes.mps_clip import focal_triplet, max_response, multi_positive_contrastive, positive_pairs
+from ogclip.recipes.mps_clip import (
+    focal_triplet,
+    multi_positive_contrastive,
+    perspective_response,
+    positive_pairs,
+)
 
 SMALL = MPSConfig(dim=16, heads=4, perspectives=3)
 
@@ -153,12 +158,16 @@ def test_focal_triplet_by_hand() -> None:
         focal_triplet(s, positive, reduction="max")
 
 
-def test_max_response_takes_each_pairs_best_perspective() -> None:
+def test_the_response_takes_each_pairs_best_perspective_or_their_mean() -> None:
     views = F.normalize(torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 1.0], [-1.0, 0.0]]]), dim=-1)
     texts = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
-    out = max_response(views, texts)
-    expected = torch.tensor([[1.0, 1.0, 0.0], [2 ** -0.5, 2 ** -0.5, 1.0]])
-    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(perspective_response(views, texts),
+                               torch.tensor([[1.0, 1.0, 0.0], [2 ** -0.5, 2 ** -0.5, 1.0]]))
+    half = 2 ** -0.5 / 2
+    torch.testing.assert_close(perspective_response(views, texts, "mean"),
+                               torch.tensor([[0.5, 0.5, -0.5], [half - 0.5, half, 0.5 - half]]))
+    with pytest.raises(ValueError, match="reduction"):
+        perspective_response(views, texts, "min")
 
 
 def test_perspectives_fuse_each_images_parts_or_keep_the_whole() -> None:

@@ -66,7 +66,8 @@ ABLATIONS: dict[str, dict[str, dict[str, Any] | None]] = {
     },
     # The paper's ablation: adapters (plain bottleneck, then G²A) on the frozen backbone trained with the global
     # contrastive term alone, then the maximum-response terms on the sub-perspectives, then the weighted triplet
-    # (the whole method); the triplet averaged instead of summed; full fine-tuning, the baseline the paper beats.
+    # (the whole method); the triplet averaged instead of summed; one MPR head instead of K, and the perspectives'
+    # mean response instead of their maximum; full fine-tuning, the baseline the paper beats.
     # Sub-perspective fusion at inference and noisy masks are the retrieval columns (`retrieval.sub_perspectives`).
     "mps-clip": {
         "frozen backbone": None,
@@ -76,6 +77,8 @@ ABLATIONS: dict[str, dict[str, dict[str, Any] | None]] = {
         "+multi-perspective contrastive": {"adapters": {"adapter": "g2a"}, "triplet_weight": 0.0},
         "+weighted triplet (MPS-CLIP)": {"adapters": {"adapter": "g2a"}},
         "MPS-CLIP, triplet averaged": {"adapters": {"adapter": "g2a"}, "triplet_reduction": "mean"},
+        "MPS-CLIP, K = 1": {"adapters": {"adapter": "g2a", "perspectives": 1}},
+        "MPS-CLIP, mean response": {"adapters": {"adapter": "g2a"}, "perspective_response": "mean"},
         "full fine-tuning": {"full_finetune": True},
     },
 }

@@ -244,6 +244,9 @@ class MPSCLIPRecipeConfig(ClassPrompts):
     triplet_weight: float = Field(default=1.0, ge=0, description="w_tri (0: no triplet terms)")
     perspective_weight: float = Field(default=0.2, ge=0, description="w_mp, the maximum-response terms' weight "
                                       "(0: no MPR training)")
+    perspective_response: Literal["max", "mean"] = Field(
+        default="max", description="how an image's K perspectives answer a caption in L_MPC and L_MPT: the best "
+        "of them (the method's maximum response) or their mean (ablation)")
 
 
 # Every recipe's config, told apart by ``kind``.

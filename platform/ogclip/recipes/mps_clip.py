@@ -12,7 +12,7 @@ has none) and v_1..v_K the MPR heads' outputs on r:
   by (1 − e^(−c))^γ (the only mining: no hardest negative), summed (the authors' reduction, divided by the captions
   per image so one caption per image is exactly theirs) or averaged;
 * L_MPC and L_MPT: the same two on the maximum response S^max_ij = max_k v_k(i)·t_j at the frozen CLIP's logit
-  scale (100);
+  scale (100) (``perspective_response: mean`` takes the mean over k instead: an ablation arm);
 * L = L_con + w_tri · L_tri + w_mp · (L_MPC + w_tri · L_MPT), with w_tri = 1 and w_mp = 0.2 by default.
 
 At inference the image is normalize(g + r) (r from the image alone: every detected target, or none), as
@@ -79,9 +79,15 @@ def focal_triplet(similarity: Tensor, positive: Tensor, margin: float = 0.2, gam
     return 0.5 * (weighted(image_anchor).sum() + weighted(text_anchor).sum()) / per_image
 
 
-def max_response(perspectives: Tensor, texts: Tensor) -> Tensor:
-    """S^max (images × texts): each pair's best match over the image's K perspective embeddings (B, K, D)."""
-    return torch.einsum("bkd,td->bkt", perspectives, texts).max(dim=1).values
+def perspective_response(perspectives: Tensor, texts: Tensor, reduction: str = "max") -> Tensor:
+    """S^max (images × texts): each pair's best match over the image's K perspective embeddings (B, K, D); with
+    ``reduction="mean"`` the mean match instead."""
+    per_view = torch.einsum("bkd,td->bkt", perspectives, texts)
+    if reduction == "max":
+        return per_view.max(dim=1).values
+    if reduction == "mean":
+        return per_view.mean(dim=1)
+    raise ValueError(f"unknown perspective reduction {reduction!r}; expected 'max' or 'mean'")
 
 
 def _gather(image: Tensor, views: Tensor, text: Tensor, owner: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -145,7 +151,7 @@ class MPSCLIPRecipe(Recipe):
         image, views, text, owner = _gather(out["image_features"].float(), out["perspective_features"].float(),
                                             out["text_features"].float(), batch.text_owner)
         positive = positive_pairs(owner, image.shape[0])
-        similarity, response = image @ text.T, max_response(views, text)
+        similarity, response = image @ text.T, perspective_response(views, text, cfg.perspective_response)
         terms = {
             "loss_con": multi_positive_contrastive(similarity, positive, 1.0 / cfg.temperature),
             "loss_tri": focal_triplet(similarity, positive, cfg.margin, cfg.gamma, cfg.triplet_reduction),
