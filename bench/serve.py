@@ -1,7 +1,8 @@
 """Classification-service throughput and latency, all in one run on one machine:
 
 * requests/s and p50/p99 latency of ``POST /v1/classify`` (one 64-px image with its mask, one class set) at
-  concurrency 1, 8 and 32, against two copies of the same app on local Ray Serve: dynamic batching on and off;
+  concurrency 1, 8 and 32, against three copies of the same app on local Ray Serve: dynamic batching on and off
+  behind the gateway, and unbatched without it (``gateway.enabled: false``, the replica as the ingress);
 * the same work as a direct in-process call (decode, preprocess, model, search; no HTTP, no Serve), one request at a
   time and as batches of 8 and 32, so the difference is the serving overhead;
 * faiss search time per embedding size (D/8..D) over the served class set and over a larger one;
@@ -166,9 +167,9 @@ def start_serve(stack: ExitStack, home: Path, settings: Any) -> int:
     os.environ.update({"OGCLIP_HOME": str(home), "OGCLIP_KG_BOLT_PORT": str(settings.kg_bolt_port),
                        "OGCLIP_KG_HTTP_PORT": str(settings.kg_http_port), "OGCLIP_API_TOKEN": TOKEN})
     os.environ.pop("OGCLIP_NEO4J_URI", None)
-    # Three apps of one 1-CPU replica each, the two classifier apps with their 0.1-CPU gateways too: Ray must count
-    # four CPUs here for all of them to be placed (the loads run one at a time).
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    # Four apps of one 1-CPU replica each, two of the classifier apps with their 0.1-CPU gateways too: Ray must
+    # count five CPUs here for all of them to be placed (the loads run one at a time).
+    ray.init(num_cpus=5, include_dashboard=False, log_to_driver=False)
     stack.callback(ray.shutdown)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     stack.callback(serve.shutdown)
@@ -373,14 +374,16 @@ def main() -> None:
         if args.batch_wait_s is not None:
             batched = batched.model_copy(update={"batch_wait_timeout_s": args.batch_wait_s})
         report["batching"] = batched.model_dump()
-        modes = {"batched": batched,
-                 "unbatched": ServeBatchingConfig(enabled=False)}
-        for mode, batching in modes.items():
+        unbatched = ServeBatchingConfig(enabled=False)
+        modes = {"batched": (batched, True), "unbatched": (unbatched, True), "no-gateway": (unbatched, False)}
+        for mode, (batching, gateway) in modes.items():
             cfg = base.model_copy(update={"app_name": mode, "port": port, "deployment": deployment.model_copy(
-                update={"name": f"classifier-{mode}"}), "batching": batching})
+                update={"name": f"classifier-{mode}"}), "batching": batching,
+                "gateway": base.gateway.model_copy(update={"enabled": gateway})})
             serve.run(build_app(cfg), name=mode, route_prefix=f"/{mode}")
         serve.run(noop_app(), name="noop", route_prefix="/noop")
-        print("service up: batching on at /batched, off at /unbatched, no-op at /noop (one replica each, 1 CPU)")
+        print("service up: batching on at /batched, off at /unbatched, off without the gateway at /no-gateway, no-op "
+              "at /noop (one replica each, 1 CPU)")
         report["serve"] = {}
         for mode in (*modes, "noop"):
             url = f"http://127.0.0.1:{port}/{mode}/v1/classify"  # the no-op app answers any path
@@ -394,18 +397,21 @@ def main() -> None:
           f"({args.requests} requests per row; batched: up to {report['batching']['max_batch_size']}, waiting "
           f"{report['batching']['batch_wait_timeout_s'] * 1000:g} ms for a batch to fill):")
     print(f"{'':<22}{'conc.':>6}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
-    for mode in ("batched", "unbatched", "noop"):
+    labels = {"batched": "serve, batched", "unbatched": "serve, unbatched", "no-gateway": "serve, no gateway",
+              "noop": "serve floor (no-op)"}
+    for mode, label in labels.items():
         for concurrency, r in report["serve"][mode].items():
-            label = "serve floor (no-op)" if mode == "noop" else f"serve, {mode}"
             print(f"{label:<22}{concurrency:>6}{r['rps']:>9.1f}{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}"
                   f"{r['errors']:>8}")
     for batch, r in report["direct"].items():
         label = "direct, 1 image" if batch == 1 else f"direct, batch of {batch}"
         print(f"{label:<22}{'-':>6}{r['rps']:>9.1f}{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}{'':>8}")
-    for mode in ("batched", "unbatched"):
+    floor = report["serve"]["noop"][1]["p50_ms"]
+    for mode in ("batched", "unbatched", "no-gateway"):
         overhead = report["serve"][mode][1]["p50_ms"] - report["direct"][1]["p50_ms"]
         report[f"serving_overhead_p50_ms_{mode}"] = overhead
-        print(f"serving overhead at concurrency 1, {mode} (p50 of serve - p50 of the direct call): {overhead:.1f} ms")
+        print(f"serving overhead at concurrency 1, {labels[mode]} (p50 of serve - p50 of the direct call): "
+              f"{overhead:.1f} ms = {overhead / floor:.2f}x the floor's p50 ({floor:.1f} ms)")
     print()
     print("faiss exact search, µs per query (single query: top 5 / all classes; batch of 256: top 5):")
     for count, per_dim in report["search"].items():

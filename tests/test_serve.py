@@ -615,6 +615,37 @@ def test_classify_with_and_without_mask_at_every_dim(service: Service, world: Wo
 
 
 @pytest.mark.slow
+def test_without_the_gateway_the_replicas_are_the_ingress(service: Service, world: World) -> None:
+    """``gateway.enabled: false`` serves the same API from the classifier replicas themselves (one hop less): the
+    same answers, and the replicas' own auth, size limit and error format."""
+    from ray import serve
+
+    from ogclip_serve.app import build_app
+
+    cfg = service.cfg.model_copy(update={
+        "app_name": "direct", "gateway": service.cfg.gateway.model_copy(update={"enabled": False}),
+        "deployment": service.cfg.deployment.model_copy(update={
+            "name": "direct", "autoscaling": ServeAutoscalingConfig(min_replicas=1, max_replicas=1)})})
+    serve.run(build_app(cfg), name="direct", route_prefix="/direct")
+    try:
+        assert set(serve.status().applications["direct"].deployments) == {"direct"}, "no gateway deployment"
+        direct = Service(service.url + "/direct", cfg, service.metrics_port, service.session)
+        images = [{"image": b64(png(image)), "mask": b64(png(mask))} for _, image, mask in renders(world.test_rows, 2)]
+        answers = [classify(s, images, class_set="test", top_k=3) for s in (service, direct)]
+        assert [a.status_code for a in answers] == [200, 200], answers[1].text
+        assert answers[1].json()["results"] == answers[0].json()["results"]
+        assert direct.get("/healthz", token=None).json() == {"status": "ok"}
+        refused = direct.post("/v1/classify", token="wrong-token", json={"images": images})
+        assert refused.status_code == 401 and assert_error_body(refused)
+        too_big = direct.session.post(direct.url + "/v1/classify", data=b"x" * (cfg.limits.max_request_bytes + 1),
+                                      headers={"Authorization": f"Bearer {TOKEN}",
+                                               "Content-Type": "application/json"}, timeout=60)
+        assert too_big.status_code == 413 and assert_error_body(too_big)
+    finally:
+        serve.delete("direct")
+
+
+@pytest.mark.slow
 def test_classify_multipart_boxes_segmenter_and_labels(service: Service, world: World,
                                                        bundle: tuple[OGCLIP, BundleInfo]) -> None:
     model, info = bundle

@@ -893,10 +893,12 @@ def gateway_options(cfg: ServeConfig) -> dict[str, Any]:
 
 def build_app(args: Mapping[str, Any] | ServeConfig) -> Application:
     """The application builder (``import_path: ogclip_serve.app:build_app``): the gateway (ingress) bound to the
-    classifier deployment."""
+    classifier deployment, or with ``gateway.enabled`` false the classifier deployment alone as the ingress."""
     from ogclip_serve.gateway import OGClipGateway
 
     cfg = config_from_args(args)
     config = cfg.model_dump(mode="json")
     classifier = OGClipClassifier.options(**deployment_options(cfg)).bind(config)
+    if not cfg.gateway.enabled:
+        return classifier
     return OGClipGateway.options(**gateway_options(cfg)).bind(classifier, config)

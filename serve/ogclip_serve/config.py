@@ -133,6 +133,10 @@ class GatewayConfig(StrictModel):
     embeddings, GET) to another replica when its replica dies mid-request; otherwise, and once the retries are
     spent, it answers 503 with ``Retry-After``."""
 
+    enabled: bool = Field(
+        default=True, description="false: no gateway, the classifier replicas are the HTTP ingress themselves. One "
+        "Serve hop less per request, but a request in flight on a replica that dies gets Serve's 500 instead of a "
+        "re-send or a 503, no latency budget applies (latency_budget_s is not read) and /readyz is the replica's own")
     replicas: int = Field(default=1, ge=1, description="gateway replicas (each is light: no model)")
     num_cpus: float = Field(default=0.1, ge=0, description="CPUs reserved per gateway replica")
     max_ongoing_requests: int = Field(
