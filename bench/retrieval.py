@@ -6,7 +6,8 @@
 * faiss exact search per embedding size (D/8..D) over collections of 10k and 100k items, µs per text→image top-10
   query (the vectors are random unit vectors: a flat index's time does not depend on what they hold);
 * ``POST /v1/retrieve`` text→image top 10 through the service (gateway + one replica, 1 CPU; cross-request
-  batching on, as by default, and off) over the same two collections, each swapped in as a new revision of the
+  batching on, as by default, and off; and off without the gateway, the replica as the ingress) over the same two
+  collections, each swapped in as a new revision of the
   served collection, at concurrency 1 and 8, beside the same work called in process (text embedding + search) and
   the no-op Serve endpoint (the machine's HTTP + Serve floor). Every query is a different text: a repeated one would
   be answered from the text tower's cache.
@@ -93,6 +94,7 @@ def main() -> None:
     from ogclip.collection import write_collection
     from ogclip_serve.app import build_app
     from ogclip_serve.config import (
+        GatewayConfig,
         ServeAutoscalingConfig,
         ServeBatchingConfig,
         ServeClassesConfig,
@@ -145,12 +147,15 @@ def main() -> None:
                          *collections[first])
         deployment = ServeDeploymentConfig(num_cpus=1.0, autoscaling=ServeAutoscalingConfig(
             min_replicas=1, max_replicas=1), max_ongoing_requests=64, max_queued_requests=512)
-        modes = {"batched": ServeBatchingConfig(), "unbatched": ServeBatchingConfig(enabled=False)}
-        for mode, batching in modes.items():
+        unbatched = ServeBatchingConfig(enabled=False)
+        modes = {"batched": (ServeBatchingConfig(), True), "unbatched": (unbatched, True),
+                 "no-gateway": (unbatched, False)}
+        for mode, (batching, gateway) in modes.items():
             cfg = ServeConfig(bundle=bundle.path, app_name=mode, port=port, batching=batching,
                               classes=ServeClassesConfig(class_sets=[CLASS_SET]),
                               retrieval=ServeRetrievalConfig(collection=folder, poll_interval_s=0.5),
-                              deployment=deployment.model_copy(update={"name": f"retriever-{mode}"}))
+                              deployment=deployment.model_copy(update={"name": f"retriever-{mode}"}),
+                              gateway=GatewayConfig(enabled=gateway))
             serve.run(build_app(cfg), name=mode, route_prefix=f"/{mode}")
         serve.run(noop_app(), name="noop", route_prefix="/noop")
         payloads = [{"text": text, "top_k": 10} for text in query_texts(args.requests)]
@@ -189,7 +194,7 @@ def main() -> None:
               f"{r['errors']:>8}")
     for count, r in report["direct"].items():
         print(f"{f'direct, {count} items':<30}{1:>6}{'':>9}{r['p50_ms']:>9.1f}")
-        for mode in ("batched", "unbatched"):
+        for mode in modes:
             p50 = report["serve"][f"{mode}, {count} items"][1]["p50_ms"]
             print(f"    {mode}: service p50 {p50:.1f} ms = direct + {p50 - r['p50_ms']:.1f} ms; "
                   f"{p50 / report['noop'][1]['p50_ms']:.1f}× the floor's p50")
