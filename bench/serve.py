@@ -407,7 +407,7 @@ def main() -> None:
         label = "direct, 1 image" if batch == 1 else f"direct, batch of {batch}"
         print(f"{label:<22}{'-':>6}{r['rps']:>9.1f}{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}{'':>8}")
     floor = report["serve"]["noop"][1]["p50_ms"]
-    for mode in ("batched", "unbatched", "no-gateway"):
+    for mode in modes:
         overhead = report["serve"][mode][1]["p50_ms"] - report["direct"][1]["p50_ms"]
         report[f"serving_overhead_p50_ms_{mode}"] = overhead
         print(f"serving overhead at concurrency 1, {labels[mode]} (p50 of serve - p50 of the direct call): "
