@@ -62,7 +62,8 @@ def test_the_job_config_dispatches_to_its_recipe() -> None:
     cfg = TrainJobConfig.model_validate({"recipe": {"kind": "og-clip", "visual_prompt": "none", "mrl": "uniform"}})
     recipe = create_recipe(cfg.recipe)
     assert isinstance(recipe, OGCLIPRecipe) and recipe.cfg.visual_prompt == "none"
-    assert recipe.model_overrides() == {"mrl": {"weighting": "uniform"}, "preprocess_cfg": {"roi_zoom": 1.0}}
+    assert recipe.model_overrides() == {"mrl": {"weighting": "uniform"},
+                                        "preprocess_cfg": {"roi_zoom": 1.0, "roi_orient": False}}
     assert TrainJobConfig().recipe == OGCLIPRecipeConfig(), "OG-CLIP is the default"
     with pytest.raises(ValueError, match="kind"):
         TrainJobConfig.model_validate({"recipe": {"kind": "no-such-method"}})

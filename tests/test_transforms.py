@@ -7,11 +7,11 @@ import io
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from ogclip.config import PreprocessConfig
 from ogclip.decode import ImageDecodeError, decode_image
-from ogclip.transforms import ROI_MARGIN, image_mask_transform, roi_window
+from ogclip.transforms import ROI_MARGIN, image_mask_transform, roi_window, upright_window
 
 
 def _png(image: Image.Image) -> bytes:
@@ -140,3 +140,69 @@ def test_evaluation_transform_equals_torchvisions_pipeline(interpolation: str) -
         assert torch.equal(image, want_image.as_subclass(torch.Tensor))
         assert torch.equal(out_mask, want_mask.as_subclass(torch.Tensor))
         assert type(image) is torch.Tensor and type(out_mask) is torch.Tensor
+
+
+def _arrow(angle: float, size: int = 64) -> np.ndarray:
+    """An arrow-shaped mask (8-bit) turned ``angle`` radians about the middle of a ``size`` px frame."""
+    outline = [(0, -1), (0.5, -0.2), (0.15, -0.2), (0.15, 0.9), (-0.15, 0.9), (-0.15, -0.2), (-0.5, -0.2)]
+    cos, sin = np.cos(angle), np.sin(angle)
+    centre, scale = size * 0.45, size * 0.25
+    polygon = [(centre + scale * (x * cos - y * sin), centre + scale * (x * sin + y * cos)) for x, y in outline]
+    canvas = Image.new("L", (size, size), 0)
+    ImageDraw.Draw(canvas).polygon(polygon, fill=255)
+    return np.asarray(canvas)
+
+
+def _iou(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.bool() & b.bool()).sum() / (a.bool() | b.bool()).sum())
+
+
+def test_orient_turns_an_outline_upright_from_any_rotation() -> None:
+    """The same outline at eight rotations: upright, the masks coincide (they do not without the turn), and the
+    image turns with its mask."""
+    outs = {}
+    for orient in (False, True):
+        cfg = PreprocessConfig(image_size=48, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), roi_zoom=2.0,
+                               roi_orient=orient)
+        transform = image_mask_transform(cfg)
+        outs[orient] = []
+        for k in range(8):
+            mask = _arrow(2 * np.pi * k / 8 + 0.3)
+            pixels = np.zeros((*mask.shape, 3), dtype=np.uint8)
+            pixels[mask > 0] = (255, 0, 0)
+            image, out_mask = transform(Image.fromarray(pixels), mask)
+            inside = out_mask[0] > 0.5
+            assert image[0][inside].mean() > 0.8 > 0.3 > image[0][~inside].mean(), "the image turns with its mask"
+            outs[orient].append(out_mask[0])
+    upright = [_iou(outs[True][0], m) for m in outs[True][1:]]
+    unturned = [_iou(outs[False][0], m) for m in outs[False][1:]]
+    assert min(upright) > 0.65 and np.median(unturned) < 0.4, (upright, unturned)
+
+
+def test_orient_leaves_images_without_an_object_alone() -> None:
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8))
+    turned = image_mask_transform(PreprocessConfig(image_size=32, roi_zoom=2.0, roi_orient=True))
+    plain = image_mask_transform(PreprocessConfig(image_size=32, roi_zoom=2.0))
+    for mask in (None, np.ones((40, 56), dtype=np.uint8), np.zeros((40, 56), dtype=np.uint8)):
+        assert all(torch.equal(a, b) for a, b in zip(turned(image, mask), plain(image, mask), strict=True))
+    assert upright_window(torch.ones(1, 40, 56), 2.0) is None and upright_window(torch.zeros(1, 40, 56), 2.0) is None
+
+
+def test_upright_window_keeps_the_apparent_size_and_centres_the_object() -> None:
+    """A bar 24 px long at any angle: once upright it is vertical, 24 / 32 of the 32 px window's height (the zoom's
+    fixed fraction of the frame, as without the turn), and centred, even beside the frame's edge."""
+    transform = image_mask_transform(PreprocessConfig(image_size=64, roi_zoom=2.0, roi_orient=True))
+    for degrees, centre in ((0, 32), (30, 32), (75, 32), (130, 14)):
+        canvas = Image.new("L", (64, 64), 0)
+        cos, sin = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
+        corners = [(-2, -12), (2, -12), (2, 12), (-2, 12)]
+        ImageDraw.Draw(canvas).polygon([(centre + x * cos - y * sin, centre + x * sin + y * cos) for x, y in corners],
+                                       fill=255)
+        mask = np.asarray(canvas)
+        x, y, side, _ = upright_window(torch.tensor(mask, dtype=torch.float32)[None] / 255, 2.0)
+        assert side == 32 and abs(x - centre) < 1 and abs(y - centre) < 1
+        _, out = transform(Image.new("RGB", (64, 64)), mask)
+        rows, cols = np.flatnonzero(out[0].numpy().any(axis=1)), np.flatnonzero(out[0].numpy().any(axis=0))
+        assert 46 <= len(rows) <= 54 and len(cols) <= 14, (degrees, len(rows), len(cols))
+        assert abs((rows[0] + rows[-1]) / 2 - 31.5) <= 2 and abs((cols[0] + cols[-1]) / 2 - 31.5) <= 2

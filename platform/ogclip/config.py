@@ -63,6 +63,17 @@ class PreprocessConfig(StrictModel):
         "if the object's box needs it) centred on the mask's box; 1 keeps the whole frame. Images without a mask, "
         "or with an all-ones or empty one, are never zoomed.",
     )
+    roi_orient: bool = Field(
+        default=False,
+        description="Turn the object upright about its mask's centroid before resizing (long axis up, by the mask's "
+        "moments): an outline drawn at any rotation reaches the model in one pose. Images without a mask, or with "
+        "an all-ones or empty one, are never turned.",
+    )
+
+
+# The preprocessing of a model that reads no mask: zooming onto the object or turning it upright would hand the
+# model the mask's location and outline.
+MASK_FREE_PREPROCESS: dict[str, Any] = {"roi_zoom": 1.0, "roi_orient": False}
 
 
 def _open_clip_fields(tower: Literal["vision", "text"]) -> set[str]:

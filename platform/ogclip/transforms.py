@@ -44,12 +44,75 @@ def roi_window(mask: Tensor, zoom: float) -> tuple[int, int, int] | None:
     return row, col, side
 
 
+def upright_window(mask: Tensor, zoom: float) -> tuple[float, float, int, float] | None:
+    """``(x, y, side, angle)``: the window :func:`roi_window` would cut around the object of ``mask`` (…,H,W) were
+    the object upright — its centre in the image (pixels, the top-left corner at 0), its side, and the anticlockwise
+    turn in degrees that makes the object upright about that centre. None for an empty mask or one that covers the
+    whole image (no object to turn).
+
+    Upright means the long axis of the mask (its second moments) is vertical, the way up chosen by the skewness
+    (third moment) along whichever of the two axes is the more lopsided; for an outline more lopsided than it is
+    elongated, the direction of its third moments is up. The same outline at any rotation comes out in the same
+    pose, whatever its colours; its apparent size is kept as the zoom keeps it (the window measured on the upright
+    object's box), and the object sits in the middle of the window.
+    """
+    inside = mask.reshape(mask.shape[-2:]).numpy() > 0.5
+    if not inside.any() or inside.all():
+        return None
+    ys, xs = (c + 0.5 for c in np.nonzero(inside))
+    x, y = xs.mean(), ys.mean()
+    dx, dy = xs - x, ys - y
+    spread, axes = np.linalg.eigh(np.cov(dx, dy, bias=True))
+    axis = axes[:, 1]  # the eigenvector of the larger eigenvalue: the long axis
+    along, across = dx * axis[0] + dy * axis[1], dy * axis[0] - dx * axis[1]
+    skew = [(t ** 3).mean() / max((t ** 2).mean(), 1e-12) ** 1.5 for t in (along, across)]
+    if max(skew, key=abs) < 0:  # the more lopsided axis decides which way is up (a wide wing: the fuselage)
+        axis = -axis
+    # Where the outline is about as long as it is wide the long axis is a coin toss; its third moments then point
+    # the way (the r²-weighted mean offset, in units of the spread: 0 for a shape symmetric about its centroid).
+    radial = dx * dx + dy * dy
+    lopsided = np.array([(dx * radial).mean(), (dy * radial).mean()]) / radial.mean() ** 1.5
+    if np.linalg.norm(lopsided) > (spread[1] - spread[0]) / max(spread.sum(), 1e-12):
+        axis = lopsided / np.linalg.norm(lopsided)
+    # The axis as drawn (rows grow downwards) points atan2(-y, x) anticlockwise from the right; up is 90°.
+    angle = 90.0 - math.degrees(math.atan2(-axis[1], axis[0]))
+    cos, sin = math.cos(math.radians(angle)), math.sin(math.radians(angle))
+    right, down = dx * cos + dy * sin, dy * cos - dx * sin  # the pixels' offsets once turned upright
+    extent = max(right.max() - right.min(), down.max() - down.min()) + 1.0
+    short = min(mask.shape[-2:])
+    side = min(short, max(round(short / zoom), math.ceil(ROI_MARGIN * extent)))
+    across_mid, down_mid = (right.min() + right.max()) / 2, (down.min() + down.max()) / 2
+    return (float(x + across_mid * cos - down_mid * sin), float(y + across_mid * sin + down_mid * cos), side,
+            float(angle))
+
+
+def _cut_upright(img: Tensor, mask: Tensor, window: tuple[float, float, int, float]) -> tuple[Tensor, Tensor]:
+    """The :func:`upright_window` of ``img`` and ``mask``: a square that holds the window at any angle is cut about
+    its centre (the frame's edge pixels stand in beyond the image, an empty mask), turned, and the window taken from
+    its middle, so no corner of the window is left blank."""
+    x, y, side, angle = window
+    half = math.ceil(side / math.sqrt(2)) + 1
+    top, left = round(y) - half, round(x) - half
+    height, width = img.shape[-2:]
+    pad = [max(0, -left), max(0, -top), max(0, left + 2 * half - width), max(0, top + 2 * half - height)]
+    if any(pad):
+        img, mask = TF.pad_image(img, pad, padding_mode="edge"), TF.pad_mask(mask, pad, fill=0.0)
+    rows, cols = slice(top + pad[1], top + pad[1] + 2 * half), slice(left + pad[0], left + pad[0] + 2 * half)
+    img, mask = img[..., rows, cols], mask[..., rows, cols]
+    centre = [x - left, y - top]
+    img = TF.rotate_image(img, angle, InterpolationMode.BILINEAR, center=centre)
+    mask = TF.rotate_mask(mask, angle, center=centre, fill=[0.0])
+    row, col = round(centre[1] - side / 2), round(centre[0] - side / 2)
+    return img[..., row:row + side, col:col + side], mask[..., row:row + side, col:col + side]
+
+
 def image_mask_transform(
     cfg: PreprocessConfig, train: bool = False
 ) -> Callable[[Image.Image | Tensor, np.ndarray | Tensor | Image.Image | None], tuple[Tensor, Tensor]]:
     """Return ``f(image, mask) -> (image (3,S,S) normalised, mask (1,S,S) in [0,1])``.
 
-    With ``cfg.roi_zoom`` > 1 the image and mask are first cut to the :func:`roi_window` around the mask's object.
+    With ``cfg.roi_zoom`` > 1 the image and mask are first cut to the :func:`roi_window` around the mask's object;
+    with ``cfg.roi_orient``, to its :func:`upright_window`, the object turned upright.
     Evaluation then resizes the short side to S and centre-crops; training takes a random resized crop and a
     horizontal flip, drawn once and applied to image and mask alike. A missing mask becomes all ones ("no specific
     region").
@@ -85,8 +148,11 @@ def image_mask_transform(
             mask_t = mask_t.reshape(1, *mask_t.shape[-2:])
             if mask_t.shape[-2:] != (height, width):
                 raise ValueError(f"mask is {tuple(mask_t.shape[-2:])}, image is {(height, width)}")
-        window = roi_window(mask_t, cfg.roi_zoom)
-        if window is not None:
+        upright = upright_window(mask_t, cfg.roi_zoom) if cfg.roi_orient else None
+        window = roi_window(mask_t, cfg.roi_zoom) if upright is None else None
+        if upright is not None:
+            img, mask_t = _cut_upright(img, mask_t, upright)
+        elif window is not None:
             row, col, side = window
             img = img[..., row:row + side, col:col + side]
             mask_t = mask_t[..., row:row + side, col:col + side]

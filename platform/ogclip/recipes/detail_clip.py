@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ogclip.config import DetailCLIPRecipeConfig
+from ogclip.config import MASK_FREE_PREPROCESS, DetailCLIPRecipeConfig
 from ogclip.losses import contrastive_loss
 from ogclip.recipes.base import Autocast, Recipe, TrainBatch, register_recipe
 
@@ -170,7 +170,7 @@ class DetailCLIPRecipe(Recipe):
         projections: the losses train the full-size embedding only, and a parameter no loss reaches would stop
         data-parallel training (DDP refuses gradients that never arrive)."""
         return {"architecture": "detail-clip", "detail": self.cfg.head.model_dump(),
-                "preprocess_cfg": {"roi_zoom": 1.0}, "mrl": {"weighting": "none"}}
+                "preprocess_cfg": dict(MASK_FREE_PREPROCESS), "mrl": {"weighting": "none"}}
 
     def loss(self, model: nn.Module, batch: TrainBatch, generator: torch.Generator,
              autocast: Autocast) -> dict[str, Tensor]:

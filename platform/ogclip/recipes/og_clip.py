@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ogclip.config import OGCLIPRecipeConfig
+from ogclip.config import MASK_FREE_PREPROCESS, OGCLIPRecipeConfig
 from ogclip.losses import og_clip_loss
 from ogclip.recipes.base import Autocast, Recipe, TrainBatch, register_recipe
 from ogclip.transforms import apply_visual_prompt
@@ -28,12 +28,11 @@ class OGCLIPRecipe(Recipe):
     cfg: OGCLIPRecipeConfig
 
     def model_overrides(self) -> dict[str, Any]:
-        """The MRL weighting when the config overrides it, and no ROI zoom for a model that never sees the mask
-        (``visual_prompt: none``, the ablation's plain CLIP: zooming onto the object would hand it the mask's
-        location)."""
+        """The MRL weighting when the config overrides it, and no ROI zoom or turn for a model that never sees the
+        mask (``visual_prompt: none``, the ablation's plain CLIP: either would hand it the mask's location)."""
         overrides: dict[str, Any] = {"mrl": {"weighting": self.cfg.mrl}} if self.cfg.mrl else {}
         if self.cfg.visual_prompt == "none":
-            overrides["preprocess_cfg"] = {"roi_zoom": 1.0}
+            overrides["preprocess_cfg"] = dict(MASK_FREE_PREPROCESS)
         return overrides
 
     def loss(self, model: nn.Module, batch: TrainBatch, generator: torch.Generator,
