@@ -187,6 +187,9 @@ def test_orient_leaves_images_without_an_object_alone() -> None:
     for mask in (None, np.ones((40, 56), dtype=np.uint8), np.zeros((40, 56), dtype=np.uint8)):
         assert all(torch.equal(a, b) for a, b in zip(turned(image, mask), plain(image, mask), strict=True))
     assert upright_window(torch.ones(1, 40, 56), 2.0) is None and upright_window(torch.zeros(1, 40, 56), 2.0) is None
+    dot = torch.zeros(1, 40, 56)
+    dot[0, 5, 50] = 1.0  # one pixel: no axis to find, still a window around it (and no warning on the way)
+    assert upright_window(dot, 2.0)[2] == 20
 
 
 def test_upright_window_keeps_the_apparent_size_and_centres_the_object() -> None:

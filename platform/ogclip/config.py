@@ -65,9 +65,9 @@ class PreprocessConfig(StrictModel):
     )
     roi_orient: bool = Field(
         default=False,
-        description="Turn the object upright about its mask's centroid before resizing (long axis up, by the mask's "
-        "moments): an outline drawn at any rotation reaches the model in one pose. Images without a mask, or with "
-        "an all-ones or empty one, are never turned.",
+        description="Turn the object upright before the zoom's window is cut (its mask's long axis vertical, the "
+        "way up set by the mask's third moments): an outline drawn at any rotation reaches the model in one pose. "
+        "Images without a mask, or with an all-ones or empty one, are never turned.",
     )
 
 

@@ -71,7 +71,7 @@ def upright_window(mask: Tensor, zoom: float) -> tuple[float, float, int, float]
     # Where the outline is about as long as it is wide the long axis is a coin toss; its third moments then point
     # the way (the r²-weighted mean offset, in units of the spread: 0 for a shape symmetric about its centroid).
     radial = dx * dx + dy * dy
-    lopsided = np.array([(dx * radial).mean(), (dy * radial).mean()]) / radial.mean() ** 1.5
+    lopsided = np.array([(dx * radial).mean(), (dy * radial).mean()]) / max(radial.mean(), 1e-12) ** 1.5
     if np.linalg.norm(lopsided) > (spread[1] - spread[0]) / max(spread.sum(), 1e-12):
         axis = lopsided / np.linalg.norm(lopsided)
     # The axis as drawn (rows grow downwards) points atan2(-y, x) anticlockwise from the right; up is 90°.
