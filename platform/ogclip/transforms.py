@@ -149,10 +149,9 @@ def image_mask_transform(
             if mask_t.shape[-2:] != (height, width):
                 raise ValueError(f"mask is {tuple(mask_t.shape[-2:])}, image is {(height, width)}")
         upright = upright_window(mask_t, cfg.roi_zoom) if cfg.roi_orient else None
-        window = roi_window(mask_t, cfg.roi_zoom) if upright is None else None
         if upright is not None:
             img, mask_t = _cut_upright(img, mask_t, upright)
-        elif window is not None:
+        elif (window := roi_window(mask_t, cfg.roi_zoom)) is not None:
             row, col, side = window
             img = img[..., row:row + side, col:col + side]
             mask_t = mask_t[..., row:row + side, col:col + side]
