@@ -90,7 +90,7 @@ train:
   cpus_per_worker: 1.0
   checkpoint_every: 2
   export_class_sets: [test]
-probe: {train_classes: 40, renders_per_class: 2}
+probe: {train_classes: 40, renders_per_class: 2, regularisation: [1.0e-3]}  # one strength: a fit, not four
 """
 
 
