@@ -40,6 +40,31 @@ def test_optimizer_skips_frozen_and_does_not_decay_gains(micro_openclip: ogclip.
     assert id(micro_openclip.visual.conv1.roi.weight) in decayed
 
 
+def test_the_text_projection_learns_at_its_own_scale_and_stays_fixed_at_zero(micro_minilm: ogclip.OGCLIP) -> None:
+    images, masks = images_and_masks(batch=4)
+    recipe = create_recipe(OGCLIPRecipeConfig(hybrid_ratio=0.0))
+    moved = {}
+    for scale in (1.0, 0.25, 0.0):
+        model = copy.deepcopy(micro_minilm)
+        cfg = TrainConfig(lr=1e-3, min_lr=1e-3, warmup_steps=0, steps=3, text_projection_lr_scale=scale)
+        optimizer = build_optimizer(model, cfg)
+        (projection,) = model.text_projection_parameters()
+        before, visual = projection.detach().clone(), model.visual.conv1.weight.detach().clone()
+        batch = TrainBatch(images=images, masks=masks, texts=model.tokenize([f"target {i}" for i in range(4)]),
+                           text_owner=torch.arange(4), labels=torch.arange(4))
+        train_step(model, recipe, optimizer, 0, cfg, batch, torch.Generator().manual_seed(0))
+        rates = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+        assert rates[id(model.visual.conv1.weight)] == pytest.approx(1e-3)
+        assert not torch.equal(model.visual.conv1.weight, visual), "the image tower learns at every scale"
+        moved[scale] = float((projection.detach() - before).abs().max())
+        if scale:
+            assert rates[id(projection)] == pytest.approx(1e-3 * scale)
+        else:  # fixed: out of the optimiser, no gradient, bit-identical
+            assert id(projection) not in rates and not projection.requires_grad and moved[scale] == 0.0
+    # Adam's first step moves every weight by about its rate: a quarter of the rate, about a quarter of the move
+    assert moved[0.25] == pytest.approx(0.25 * moved[1.0], rel=0.2)
+
+
 def test_steps_reduce_the_loss_on_a_fixed_batch(micro_minilm: ogclip.OGCLIP) -> None:
     model = copy.deepcopy(micro_minilm)
     cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=2, steps=30)

@@ -23,6 +23,10 @@ class TrainConfig(StrictModel):
     steps: int = Field(default=100_000, gt=0)
     grad_clip_norm: float = Field(default=1.0, gt=0)
     batch_size: int = Field(default=32, gt=0, description="Per worker; the paper runs 8 workers × 32 = 256.")
+    text_projection_lr_scale: float = Field(
+        default=1.0, ge=0, description="the text tower's trainable projection learns at this multiple of ``lr`` "
+        "(its own optimiser group, as timm's ``lr_scale``); 0 keeps it at its initialisation, the text tower then "
+        "wholly fixed as the paper fixes CLIP's text encoder")
 
 
 class StageResources(StrictModel):

@@ -50,16 +50,24 @@ WEIGHTS = "model.safetensors"
 STATE = "train_state.pt"
 
 
-def build_optimizer(model: OGCLIP, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; weight decay on weight matrices only."""
-    decay, no_decay = [], []
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; weight decay on weight matrices only. Each group carries an
+    ``lr_scale`` (timm's convention) that :func:`train_step` multiplies the scheduled rate by: 1, except the text
+    projection's ``cfg.text_projection_lr_scale`` (frozen, not in the optimiser, at 0)."""
+    text = {id(p) for p in model.text_projection_parameters()} if cfg.text_projection_lr_scale != 1.0 else set()
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
+        if id(param) in text and cfg.text_projection_lr_scale == 0:
+            param.requires_grad_(False)
+            continue
         is_gain_or_bias = param.ndim < 2 or "bias" in name or name.endswith(("logit_scale", "embedding"))
-        (no_decay if is_gain_or_bias else decay).append(param)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+        groups.setdefault((not is_gain_or_bias, id(param) in text), []).append(param)
+    order = [(True, False), (False, False), (True, True), (False, True)]  # decay first, as checkpoints hold them
+    return torch.optim.AdamW(
+        [{"params": groups[key], "weight_decay": cfg.weight_decay if key[0] else 0.0,
+          "lr_scale": cfg.text_projection_lr_scale if key[1] else 1.0} for key in order if key in groups], lr=cfg.lr)
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
@@ -87,7 +95,7 @@ def train_step(
     """
     model.train()
     for group in optimizer.param_groups:
-        group["lr"] = learning_rate(step, cfg)
+        group["lr"] = learning_rate(step, cfg) * group.get("lr_scale", 1.0)
 
     def autocast() -> contextlib.AbstractContextManager[Any]:
         return (torch.autocast(batch.images.device.type, dtype=autocast_dtype) if autocast_dtype is not None
