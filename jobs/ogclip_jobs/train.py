@@ -50,7 +50,7 @@ WEIGHTS = "model.safetensors"
 STATE = "train_state.pt"
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+def build_optimizer(model: OGCLIP, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; weight decay on weight matrices only. Each group carries an
     ``lr_scale`` (timm's convention) that :func:`train_step` multiplies the scheduled rate by: 1, except the text
     projection's ``cfg.text_projection_lr_scale`` (frozen, not in the optimiser, at 0)."""
