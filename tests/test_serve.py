@@ -348,6 +348,16 @@ def test_gateway_resends_only_idempotent_requests_and_only_for_a_lost_replica() 
                                                   "code": "replica_lost"}
 
 
+def test_a_replica_not_ready_yet_says_when_to_ask_again() -> None:
+    from ogclip_serve.errors import NotReady
+    from ogclip_serve.transport import error_response
+
+    for error, wait in ((NotReady("the replica is starting"), "1"), (NotReady("loading", retry_after=4), "4")):
+        response = error_response(error)
+        assert response.status_code == 503 and response.headers["retry-after"] == wait
+        assert json.loads(response.body)["error"]["code"] == "not_ready"
+
+
 def test_a_request_past_its_deadline_is_refused_before_any_work() -> None:
     # The replica's app, called as the gateway calls it: the admission check answers before any route runs.
     from ogclip_serve import app as service_app

@@ -593,7 +593,7 @@ class OGClipClassifier:
     def _snapshot_now(self) -> Snapshot:
         snapshot = getattr(self, "_snapshot", None)
         if snapshot is None:
-            raise NotReady("class embeddings are not loaded yet")
+            raise NotReady("class embeddings are not loaded yet", retry_after=self.cfg.gateway.retry_after_s)
         return snapshot
 
     async def _candidates(self, snapshot: Snapshot, options: ClassifyOptions

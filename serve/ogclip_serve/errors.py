@@ -65,12 +65,6 @@ class Unauthorized(ServiceError):
         return {"WWW-Authenticate": "Bearer"}
 
 
-class NotReady(ServiceError):
-    status = 503
-    type = "server_error"
-    code = "not_ready"
-
-
 class InternalError(ServiceError):
     """A failure of the service itself (a bug): 500, with a short message, and a log line where it happened."""
 
@@ -93,6 +87,16 @@ class Unavailable(ServiceError):
 
     def headers(self) -> dict[str, str] | None:
         return {"Retry-After": str(self.retry_after)}
+
+
+class NotReady(Unavailable):
+    """The replica is starting or has not loaded its class embeddings yet: a passing state, so the answer says
+    when to ask again."""
+
+    code = "not_ready"
+
+    def __init__(self, message: str, *, retry_after: int = 1) -> None:
+        super().__init__(message, retry_after=retry_after)
 
 
 class EmbeddingVersionError(RuntimeError):
