@@ -1,10 +1,11 @@
-"""Curation pipeline throughput: images/s per stage and end to end on local Ray with 1 and with 2 CPUs, and the
+"""Curation pipeline throughput: images/s end to end and per stage on local Ray with 1 and with 2 CPUs, and the
 same work in a plain single-process loop (the baseline), all in one run.
 
 The work: render N synthetic images, dedup hashes, embeddings for the quality filter (an og-clip-tiny bundle
 with fresh weights, exported here: the filter embeds with a bundle), CPU mask prediction, template captions,
-Parquet shards. Ray's figures include its real overheads (actor start-up,
-Parquet between stages).
+Parquet shards. Ray runs the pipeline twice per CPU count: as a full run (the row stages in one streaming
+execution, then the shards) and stage by stage (``--stage``: each stage its own execution, Parquet in between),
+which gives the per-stage figures. Ray's figures include its real overheads (actor start-up, writes).
 
     python bench/data.py [--images 400] [--size 64]
 """
@@ -48,8 +49,9 @@ def classes() -> dict[str, dict]:
     return out
 
 
-def ray_run(images: int, size: int, cpus: int, bundle: Path) -> dict[str, float]:
-    """Seconds per stage on local Ray with ``cpus`` CPUs (every stage runs ``cpus`` tasks or actors at once)."""
+def ray_run(images: int, size: int, cpus: int, bundle: Path, alone: bool) -> dict[str, float]:
+    """Seconds on local Ray with ``cpus`` CPUs (every stage runs ``cpus`` tasks or actors at once): per stage, each
+    run alone, or of the streamed row stages (``stream``) and the shards of a full run."""
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     try:
         per_class = images // len(classes())
@@ -61,8 +63,11 @@ def ray_run(images: int, size: int, cpus: int, bundle: Path) -> dict[str, float]
                                      masks=MaskConfig(method="cpu", resources=pool),
                                      captions=CaptionConfig(resources=pool))
             cfg.quality.resources, cfg.quality.model = pool, str(bundle)
-            records = Pipeline(cfg, classes(), log=lambda _: None).run()
-        return {name: records[name]["seconds"] for name in STAGES}
+            pipeline = Pipeline(cfg, classes(), log=lambda _: None)
+            if alone:
+                return {name: pipeline.run(only=name)[name]["seconds"] for name in STAGES}
+            records = pipeline.run()
+        return {"stream": records["ingest"]["streamed"], "shards": records["shards"]["seconds"]}
     finally:
         ray.shutdown()
 
@@ -108,17 +113,26 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         torch.manual_seed(0)
         bundle = export_bundle(create_model("og-clip-tiny", device="cpu"), Path(folder) / "bundle").path
-        runs = {"plain loop": plain_run(images, args.size, bundle), "ray 1 cpu": ray_run(images, args.size, 1, bundle),
-                "ray 2 cpus": ray_run(images, args.size, 2, bundle)}
-    print(f"{images} images of {args.size}px; images/s per stage (higher is better)")
-    print(f"{'stage':<10}" + "".join(f"{name:>14}" for name in runs))
+        plain = plain_run(images, args.size, bundle)
+        streamed = {cpus: ray_run(images, args.size, cpus, bundle, alone=False) for cpus in (1, 2)}
+        alone = {cpus: ray_run(images, args.size, cpus, bundle, alone=True) for cpus in (1, 2)}
+    print(f"{images} images of {args.size}px; images/s (higher is better)")
+    runs = {"plain loop": plain, "ray 1 cpu": alone[1], "ray 2 cpus": alone[2]}
+    print(f"{'stage':<10}" + "".join(f"{name:>14}" for name in runs) + "   (ray: each stage run alone)")
     for stage in STAGES:
         cells = [images / runs[name][stage] if runs[name][stage] else float("nan") for name in runs]
         print(f"{stage:<10}" + "".join(f"{c:>14.1f}" for c in cells))
-    totals = {name: sum(run.values()) for name, run in runs.items()}
-    print(f"{'pipeline':<10}" + "".join(f"{images / totals[name]:>14.1f}" for name in runs))
-    print(f"scaling ray 2 cpus / 1 cpu: {totals['ray 1 cpu'] / totals['ray 2 cpus']:.2f}x; "
-          f"ray 2 cpus / plain loop: {totals['plain loop'] / totals['ray 2 cpus']:.2f}x "
+    totals = {"plain loop": sum(plain.values()), **{f"ray {c} cpu{'s' if c > 1 else ''}, streamed": sum(r.values())
+                                                    for c, r in streamed.items()},
+              **{f"ray {c} cpu{'s' if c > 1 else ''}, stage by stage": sum(r.values()) for c, r in alone.items()}}
+    for name, seconds in totals.items():
+        print(f"end to end, {name:<28} {images / seconds:>8.1f} images/s ({seconds:.1f}s)")
+    for cpus, run in streamed.items():
+        print(f"  streamed on {cpus} cpu{'s' if cpus > 1 else ''}: row stages {run['stream']:.1f}s, "
+              f"shards {run['shards']:.1f}s")
+    plain_s, one, two = totals["plain loop"], sum(streamed[1].values()), sum(streamed[2].values())
+    print(f"streamed: ray 2 cpus / plain loop {plain_s / two:.2f}x, 2 cpus / 1 cpu {one / two:.2f}x; "
+          f"stage by stage: ray 2 cpus / plain loop {plain_s / sum(alone[2].values()):.2f}x "
           f"(the plain loop writes no shards)")
 
 

@@ -73,37 +73,82 @@ def test_every_stage_runs_and_records_itself(synth_run) -> None:
     # The default quality model is a registry name (random weights): the filter is off and says so.
     assert records["quality"]["filter"].startswith("off (pass-through)") and "outliers" not in records["quality"]
     assert not (cfg.output_dir / "review" / "quality_outliers.jsonl").exists()
-    for stage in STAGES:
-        assert (cfg.output_dir / "stages" / stage / "_STAGE.json").exists()
-        assert not (cfg.output_dir / "stages" / f"{stage}.partial").exists()
+    # One streaming execution for the row stages, its record holding theirs; then the shards.
+    stream = json.loads((cfg.output_dir / "stages" / "stream" / "_STAGE.json").read_text())
+    assert list(stream["stages"]) == list(STAGES[:-1]) and stream["rows"] == 15
+    assert all(records[s]["streamed"] == stream["seconds"] for s in STAGES[:-1])
+    assert (cfg.output_dir / "stages" / "shards" / "_STAGE.json").exists()
+    assert sorted(p.name for p in (cfg.output_dir / "stages").iterdir()) == ["shards", "stream"]
+    # The stream keeps every stage's columns: the rendered mask beside the predicted one, the hashes.
+    table = ray.data.read_parquet(str(cfg.output_dir / "stages" / "stream")).take_all()
+    assert all(r["mask_truth"] and r["mask"] and r["sha256"] and r["caption"] for r in table)
 
 
-def test_quality_filter_acts_only_with_an_export_bundle(synth_run, tmp_path: Path) -> None:
-    import shutil
-
+def test_quality_filter_acts_only_with_an_export_bundle(tmp_path: Path) -> None:
     import torch
 
     from ogclip.bundle import export_bundle
     from ogclip.models import create_model
     from ogclip_jobs.data.pipeline import StageError
 
-    cfg, _ = synth_run
-    shutil.copytree(cfg.output_dir / "stages" / "dedup", tmp_path / "stages" / "dedup")
     torch.manual_seed(0)
     bundle = export_bundle(create_model("og-clip-tiny", device="cpu"), tmp_path / "bundle")
-    run = cfg.model_copy(update={"output_dir": tmp_path, "quality": QualityFilterConfig(
-        model=str(bundle.path), eps=0.3, min_samples=2)})
+    run = DataPipelineConfig(output_dir=tmp_path / "run", source=SynthSourceConfig(per_class=5, image_size=48),
+                             quality=QualityFilterConfig(model=str(bundle.path), eps=0.3, min_samples=2,
+                                                         drop_outliers=True))
     logged: list[str] = []
-    record = Pipeline(run, CLASSES, log=logged.append).run(only="quality")["quality"]
-    assert record["rows"] == 15 and record["filter"].startswith("on (bundle")
-    review = tmp_path / "review" / "quality_outliers.jsonl"
-    assert Path(record["review_file"]) == review and len(review.read_text().splitlines()) == record["outliers"]
+    records = Pipeline(run, CLASSES, log=logged.append).run()
+    record = records["quality"]
+    assert record["filter"].startswith("on (bundle") and record["rows"] == 15 - record["outliers"]
+    review = tmp_path / "run" / "review" / "quality_outliers.jsonl"
+    flagged = {json.loads(line)["id"] for line in review.read_text().splitlines()}
+    assert Path(record["review_file"]) == review and len(flagged) == record["outliers"]
+    shards = {r["id"] for r in ray.data.read_parquet(str(tmp_path / "run" / "stages" / "shards" / "parquet"))
+              .select_columns(["id"]).take_all()}
+    assert len(shards) == records["shards"]["rows"] == 15 - len(flagged) and not shards & flagged
     assert any("filter on" in line for line in logged)
     typo = run.model_copy(update={"output_dir": tmp_path / "typo",
                                   "quality": QualityFilterConfig(model="og-clip-tnyi")})
-    shutil.copytree(cfg.output_dir / "stages" / "dedup", tmp_path / "typo" / "stages" / "dedup")
     with pytest.raises(StageError, match="neither an export bundle"):
-        Pipeline(typo, CLASSES, log=lambda _: None).run(only="quality")
+        Pipeline(typo, CLASSES, log=lambda _: None).run()
+    assert not (tmp_path / "typo" / "stages").exists(), "refused before anything ran"
+
+
+def test_stages_run_alone_then_the_rest_streams(tmp_path: Path) -> None:
+    """``--stage`` runs one stage on the previous one's output; a full run afterwards keeps those and streams the
+    rest, and the shards equal those of a run streamed whole."""
+    cfg = DataPipelineConfig(output_dir=tmp_path / "alone", source=SynthSourceConfig(per_class=3, image_size=32),
+                             masks=MaskConfig(method="cpu"))
+    pipeline = Pipeline(cfg, CLASSES, log=lambda _: None)
+    with pytest.raises(Exception, match="needs the output of 'ingest'"):
+        pipeline.run(only="dedup")
+    assert pipeline.run(only="ingest")["ingest"]["rows"] == 9
+    assert pipeline.run(only="dedup")["dedup"]["rows"] == 9
+    ingest = ray.data.read_parquet(str(tmp_path / "alone" / "stages" / "ingest")).schema().names
+    assert "_row" not in ingest and "sha256" not in ray.data.read_parquet(
+        str(tmp_path / "alone" / "stages" / "dedup")).schema().names  # decision columns stay out of a stage's output
+    # A stream a killed run began with other settings: its rows are not kept.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    stale = tmp_path / "alone" / "stages" / "stream.partial"
+    stale.mkdir()
+    (stale / "_PLAN.json").write_text(json.dumps({"stages": ["ingest"], "config": {}}))
+    pq.write_table(pa.table({"id": ["synth-alpha-0"], "caption": ["stale"]}), stale / "old.parquet")
+    logged: list[str] = []
+    records = Pipeline(cfg, CLASSES, log=logged.append).run()
+    assert any("other stages or settings" in line for line in logged)
+    assert "seconds" in records["dedup"] and "streamed" in records["masks"]
+    stream = json.loads((tmp_path / "alone" / "stages" / "stream" / "_STAGE.json").read_text())
+    assert list(stream["stages"]) == ["quality", "masks", "captions"]
+    whole = cfg.model_copy(update={"output_dir": tmp_path / "whole"})
+    Pipeline(whole, CLASSES, log=lambda _: None).run()
+
+    def shards(run: Path) -> list[tuple]:
+        rows = ray.data.read_parquet(str(run / "stages" / "shards" / "parquet")).take_all()
+        return sorted((r["id"], r["caption"], bytes(r["mask"])) for r in rows)
+
+    assert shards(tmp_path / "alone") == shards(tmp_path / "whole")
 
 
 def test_rerunning_finished_stages_is_a_no_op(synth_run) -> None:
@@ -200,35 +245,41 @@ def test_cpu_segmenter_recovers_rendered_masks() -> None:
     assert np.mean(ious) > 0.5
 
 
-def test_pipeline_resumes_after_being_killed_mid_stage(tmp_path: Path, kg_settings) -> None:
-    """Kill the pipeline process while its masks stage runs; the rerun redoes only that stage and the output has
-    every row exactly once."""
+def test_pipeline_resumes_after_being_killed_mid_stream(tmp_path: Path, kg_settings) -> None:
+    """Kill the pipeline process once its streaming execution has written some blocks: the rerun keeps those,
+    streams only the rows not written yet, and the shards hold every row exactly once."""
     out = tmp_path / "run"
     config = tmp_path / "pipeline.yaml"
     config.write_text(json.dumps({"output_dir": str(out), "ray_num_cpus": 2,
-                                  "source": {"kind": "synth", "max_classes": 4, "per_class": 4, "image_size": 32},
-                                  "quality": {"enabled": False}, "masks": {"method": "cpu"}}))
+                                  "source": {"kind": "synth", "max_classes": 10, "per_class": 8, "image_size": 96,
+                                             "resources": {"batch_size": 4}},
+                                  "quality": {"enabled": False},
+                                  "masks": {"method": "cpu", "resources": {"batch_size": 4}}}))
     env = {**os.environ, "OGCLIP_HOME": str(kg_settings.home), "OGCLIP_KG_BOLT_PORT": str(kg_settings.kg_bolt_port),
            "OGCLIP_KG_HTTP_PORT": str(kg_settings.kg_http_port)}
     env.pop("OGCLIP_NEO4J_URI", None)
     command = [sys.executable, "-m", "ogclip_jobs.cli", "data", "pipeline", "--config", str(config)]
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
+    partial = out / "stages" / "stream.partial"
     deadline = time.monotonic() + 300
-    while not (out / "stages" / "masks.partial").exists() and time.monotonic() < deadline:
+    while not (partial.exists() and any(partial.glob("*.parquet"))) and time.monotonic() < deadline:
         assert process.poll() is None, "the pipeline ended before it could be interrupted"
-        time.sleep(0.05)
+        time.sleep(0.02)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    assert (out / "stages" / "dedup" / "_STAGE.json").exists() and not (out / "stages" / "masks").exists()
+    assert not (out / "stages" / "stream").exists()
 
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stderr[-2000:]
-    assert "[ingest] already done" in finished.stderr and "[masks] done" in finished.stderr  # progress: stderr
-    assert json.loads(finished.stdout)["masks"]["rows"] == 16  # the result: JSON on stdout
+    assert "[ingest] resuming:" in finished.stderr and "[shards] done" in finished.stderr  # progress: stderr
+    kept = int(finished.stderr.split("[ingest] resuming: ")[1].split()[0])
+    assert 0 < kept < 80, "the rerun kept the killed run's blocks and redid the rest"
+    records = json.loads(finished.stdout)  # the result: JSON on stdout
+    assert records["masks"]["rows"] == records["shards"]["rows"] == 80
     rows = ray.data.read_parquet(str(out / "stages" / "shards" / "parquet")).select_columns(["id"]).take_all()
     ids = [r["id"] for r in rows]
-    assert len(ids) == 16 and len(set(ids)) == 16
+    assert len(ids) == 80 and len(set(ids)) == 80
 
 
 @pytest.mark.gpu
@@ -335,6 +386,13 @@ def test_repeated_images_of_a_parquet_source_leave_one_row_each(tmp_path: Path) 
     assert record["rows"] == 10 and record["repeated_ids_dropped"] == 5
     assert pipeline.run(only="dedup")["dedup"]["removed"] == 0
     ids = [r["id"] for r in ray.data.read_parquet(str(tmp_path / "out" / "stages" / "dedup")).take_all()]
+    assert len(ids) == len(set(ids)) == 10
+    # Streamed whole, the same source gives the same: the repeats may fall in different blocks.
+    whole = cfg.model_copy(update={"output_dir": tmp_path / "whole", "masks": MaskConfig(method="cpu")})
+    records = Pipeline(whole, CLASSES, log=lambda _: None).run()
+    assert records["ingest"]["repeated_ids_dropped"] == 5 and records["dedup"]["removed"] == 0
+    ids = [r["id"] for r in ray.data.read_parquet(str(tmp_path / "whole" / "stages" / "shards" / "parquet"))
+           .select_columns(["id"]).take_all()]
     assert len(ids) == len(set(ids)) == 10
 
 

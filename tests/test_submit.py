@@ -250,17 +250,17 @@ def test_job_survives_a_worker_node_dying_mid_run(cluster, first_run, quality_bu
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_client_env(cluster.token))
     workers = cluster.worker_node_ids()
     killed_during: list[str] | None = None
-    past_ingest = None
+    streaming = None
     try:
         deadline = time.monotonic() + 400
         while killed_during is None and job.poll() is None and time.monotonic() < deadline:
-            # Past ingest: kill the worker while the job runs something there, or, if the scheduler keeps it all on
-            # the head for 5 s, anyway (the quality filter's actor is still starting then): the blocks the worker
-            # holds are lost then and must be recomputed.
-            if (output_dir / "stages" / "ingest" / "_STAGE.json").exists():
-                past_ingest = past_ingest or time.monotonic()
+            # Once the stream has written a block: kill the worker while the job runs something there, or, if the
+            # scheduler keeps it all on the head for 5 s, anyway: the blocks the worker holds are lost then and must
+            # be recomputed.
+            if any((output_dir / "stages" / "stream.partial").glob("*.parquet")):
+                streaming = streaming or time.monotonic()
                 running = [name for name in cluster.work_on(workers) if not name.startswith("_StatsActor")]
-                if running or time.monotonic() - past_ingest > 5:
+                if running or time.monotonic() - streaming > 5:
                     cluster.kill("worker-1")
                     killed_during = running or ["(nothing running there)"]
             time.sleep(0.3)

@@ -45,6 +45,16 @@ ROW_COLUMNS = ["id", "image", "mask", "mask_truth", "label", "class_name", "supe
                "provenance"]
 
 
+def synth_id(label: str, index: int) -> str:
+    """The id of the ``index``-th render of class ``label`` (known before rendering: a resumed run skips it)."""
+    return f"synth-{label}-{index}"
+
+
+def crawl_id(url: str) -> str:
+    """The id of a crawled URL's image (known before fetching: a resumed run skips it)."""
+    return f"web-{sha256(url.encode())[:16]}"
+
+
 class RenderTargets:
     """Render the synthetic world: a batch of (label, index) becomes images with their exact masks."""
 
@@ -61,7 +71,7 @@ class RenderTargets:
             seed = int(sha256(f"{self.seed}:{label}:{index}".encode())[:15], 16)
             sample = render(target, seed=seed, size=self.image_size)
             rows.append({
-                "id": f"synth-{label}-{index}", "image": png_bytes(sample.image), "mask": png_bytes(sample.mask),
+                "id": synth_id(label, index), "image": png_bytes(sample.image), "mask": png_bytes(sample.mask),
                 "mask_truth": None, "label": label, "class_name": target.name,
                 "super_category": target.super_category, "caption": None,
                 "provenance": json.dumps({"source": "synth", "seed": seed, "background": sample.background,
@@ -271,7 +281,7 @@ def crawl_host_rows(group: Batch, config: Any, log_dir: str) -> Batch:
         for url, label in zip(group["url"], group["label"], strict=True):
             result = crawler.fetch(str(url))
             if result.ok:
-                rows.append({"id": f"web-{sha256(str(url).encode())[:16]}", "image": result.data, "mask": None,
+                rows.append({"id": crawl_id(str(url)), "image": result.data, "mask": None,
                              "mask_truth": None, "label": str(label), "class_name": str(label),
                              "super_category": None, "caption": None,
                              "provenance": json.dumps({"source": "crawl", "url": str(url),
