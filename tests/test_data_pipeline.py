@@ -30,7 +30,7 @@ from ogclip_jobs.config import (
     WriterConfig,
 )
 from ogclip_jobs.data.images import dhash, mask_iou, png_bytes
-from ogclip_jobs.data.pipeline import STAGES, Pipeline, _dedup_keep, find_outliers
+from ogclip_jobs.data.pipeline import STAGES, Pipeline, StageError, _dedup_keep, find_outliers
 from ogclip_jobs.data.stages import CpuSegmenter
 
 
@@ -89,7 +89,6 @@ def test_quality_filter_acts_only_with_an_export_bundle(tmp_path: Path) -> None:
 
     from ogclip.bundle import export_bundle
     from ogclip.models import create_model
-    from ogclip_jobs.data.pipeline import StageError
 
     torch.manual_seed(0)
     bundle = export_bundle(create_model("og-clip-tiny", device="cpu"), tmp_path / "bundle")
@@ -120,7 +119,7 @@ def test_stages_run_alone_then_the_rest_streams(tmp_path: Path) -> None:
     cfg = DataPipelineConfig(output_dir=tmp_path / "alone", source=SynthSourceConfig(per_class=3, image_size=32),
                              masks=MaskConfig(method="cpu"))
     pipeline = Pipeline(cfg, CLASSES, log=lambda _: None)
-    with pytest.raises(Exception, match="needs the output of 'ingest'"):
+    with pytest.raises(StageError, match="needs the output of 'ingest'"):
         pipeline.run(only="dedup")
     assert pipeline.run(only="ingest")["ingest"]["rows"] == 9
     assert pipeline.run(only="dedup")["dedup"]["rows"] == 9
@@ -394,6 +393,20 @@ def test_repeated_images_of_a_parquet_source_leave_one_row_each(tmp_path: Path) 
     ids = [r["id"] for r in ray.data.read_parquet(str(tmp_path / "whole" / "stages" / "shards" / "parquet"))
            .select_columns(["id"]).take_all()]
     assert len(ids) == len(set(ids)) == 10
+
+
+def test_a_file_cut_short_by_a_kill_is_dropped_and_its_rows_redone(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ogclip_jobs.data.pipeline import _written_ids
+
+    pq.write_table(pa.table({"id": ["a", "b"]}), tmp_path / "whole.parquet")
+    pq.write_table(pa.table({"id": ["c", "d"]}), tmp_path / "cut.parquet")
+    data = (tmp_path / "cut.parquet").read_bytes()
+    (tmp_path / "cut.parquet").write_bytes(data[: len(data) // 2])  # no footer, as a SIGKILL mid-write leaves it
+    assert _written_ids(tmp_path) == {"a", "b"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["whole.parquet"]
 
 
 def test_a_stage_that_writes_an_id_twice_fails(tmp_path: Path) -> None:

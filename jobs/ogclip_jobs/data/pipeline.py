@@ -121,14 +121,16 @@ class Pipeline:
             records[name] = self._skipped(name, record)
         pending = [name for name in ROW_STAGES if name not in records]
         stream = self.done(STREAM) if pending else None
+        keep = None  # the stream's decisions, when this run took them
         if stream is not None and list(stream["stages"]) == pending:
             for name in pending:
                 records[name] = self._skipped(name, stream["stages"][name])
         elif pending:
-            records.update(self._stream(pending))
+            keep, streamed = self._stream(pending)
+            records.update(streamed)
         record = self.done("shards")
         records["shards"] = self._skipped("shards", record) if record else self._shards(
-            self.root / (STREAM if pending else ROW_STAGES[-1]), pending)
+            self.root / (STREAM if pending else ROW_STAGES[-1]), pending, keep)
         return records
 
     def _finish(self, name: str, partial: Path, record: dict[str, Any]) -> dict[str, Any]:
@@ -150,12 +152,13 @@ class Pipeline:
 
     # -- the two ways to run the row stages --------------------------------------------------------------------
 
-    def _stream(self, names: list[str]) -> dict[str, dict[str, Any]]:
-        """``names`` (the row stages from the first not done on) as one streaming execution, then their decisions."""
+    def _stream(self, names: list[str]) -> tuple[set[str], dict[str, dict[str, Any]]]:
+        """``names`` (the row stages from the first not done on) as one streaming execution, then their decisions:
+        the keys of the rows kept and each stage's record."""
         partial = self.root / f"{STREAM}.partial"
         started = time.perf_counter()
         self._write_rows(names, partial)
-        records = self._decide(names, partial)[1]
+        keep, records = self._decide(names, partial)
         seconds = round(time.perf_counter() - started, 2)
         for name in names:
             records[name] = {"stage": name, "streamed": seconds, **records[name]}
@@ -163,7 +166,7 @@ class Pipeline:
         self.log(f"[{STREAM}] {' → '.join(names)} in one execution: {seconds}s")
         self._finish(STREAM, partial, {"stage": STREAM, "seconds": seconds, "rows": _rows_written(partial),
                                        "stages": records})
-        return records
+        return keep, records
 
     def _alone(self, name: str) -> dict[str, Any]:
         """One row stage alone: its row work into ``stages/<name>.rows``, then its decision's rows, without the
@@ -360,14 +363,16 @@ class Pipeline:
 
     # -- shards ------------------------------------------------------------------------------------------------
 
-    def _shards(self, folder: Path, names: list[str]) -> dict[str, Any]:
+    def _shards(self, folder: Path, names: list[str], keep: set[str] | None = None) -> dict[str, Any]:
         """The training shards: the rows of ``folder`` (the stream, or the last row stage run alone) that the
-        decisions of ``names`` kept, as Parquet and WebDataset tars. An interrupted write is redone whole."""
+        decisions of ``names`` kept (``keep`` when this run has just taken them), as Parquet and WebDataset tars.
+        An interrupted write is redone whole."""
         partial = self.root / "shards.partial"
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
         started = time.perf_counter()
-        keep = self._decide(names, folder)[0] if names else None
+        if keep is None and names:
+            keep = self._decide(names, folder)[0]
         ds = self._kept(folder, keep) if keep is not None else ray.data.read_parquet(str(folder), **LIGHT)
         ds = ds.drop_columns(["mask_truth"], **LIGHT).materialize()
         rows = ds.count()
@@ -390,12 +395,9 @@ class Pipeline:
 
 def _repeated_ids(folder: Path) -> list[str]:
     """The ids a stage output holds more than once (one entry per extra copy), read from its id column only."""
-    import pyarrow.parquet as pq
-
     counts: dict[str, int] = {}
-    for file in sorted(folder.rglob("*.parquet")):
-        for value in pq.read_table(file, columns=["id"]).column("id").to_pylist():
-            counts[value] = counts.get(value, 0) + 1
+    for value in _read_columns(folder, ("id",))["id"]:
+        counts[value] = counts.get(value, 0) + 1
     return [key for key, n in sorted(counts.items()) for _ in range(n - 1)]
 
 
