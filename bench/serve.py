@@ -9,6 +9,10 @@
 * for scale, the same load on a Serve endpoint that only reads the body and answers: the HTTP + Serve floor of
   this machine, which no model service can go below.
 
+Concurrency 1 is measured in interleaved rounds (every app and the direct call in each, a different app first each
+round), and the serving overhead over the floor is taken per round, then its median: on a shared machine the
+floor alone moves by half between minutes, and figures taken minutes apart would carry that into the ratio.
+
 ``--overload CLIENTS`` measures admission control instead: CLIENTS clients, each sending its next request as soon as
 the last one is answered, for ``--seconds`` against one replica of the service's default deployment (one 512-px
 image + mask per request), with ``/readyz`` asked every 0.5 s meanwhile; with the latency budget on
@@ -46,6 +50,17 @@ import torch
 CLASS_SET = "bench"
 TOKEN = "bench-token-0123456789abcdef"
 LEVELS = (1, 8, 32)
+ROUNDS = 6  # concurrency 1 is measured in this many interleaved rounds
+
+
+def timed(call: Any, times: int) -> list[float]:
+    """Milliseconds of each of ``times`` calls."""
+    out = []
+    for _ in range(times):
+        started = time.perf_counter()
+        call()
+        out.append((time.perf_counter() - started) * 1000)
+    return out
 
 
 def summary(latencies_ms: list[float], wall_s: float) -> dict[str, float]:
@@ -54,10 +69,10 @@ def summary(latencies_ms: list[float], wall_s: float) -> dict[str, float]:
             "p99_ms": ordered[min(len(ordered) - 1, int(round(0.99 * (len(ordered) - 1))))]}
 
 
-async def load(url: str, payload: dict[str, Any] | list[dict[str, Any]], concurrency: int, total: int
-               ) -> dict[str, float]:
+async def load(url: str, payload: dict[str, Any] | list[dict[str, Any]], concurrency: int, total: int,
+               keep: list[float] | None = None) -> dict[str, float]:
     """``total`` requests from ``concurrency`` clients, each sending its next request when the last one returns;
-    a list of payloads is sent in turn."""
+    a list of payloads is sent in turn. ``keep`` collects the latencies (ms) too."""
     import aiohttp
 
     latencies: list[float] = []
@@ -85,6 +100,8 @@ async def load(url: str, payload: dict[str, Any] | list[dict[str, Any]], concurr
         wall = time.perf_counter() - started
     result = summary(latencies, wall)
     result["errors"] = errors
+    if keep is not None:
+        keep.extend(latencies)
     return result
 
 
@@ -332,16 +349,10 @@ def main() -> None:
         for batch in LEVELS:
             for _ in range(5):
                 direct(batch)
-            latencies = []
-            rounds = max(10, args.requests // batch)
-            started = time.perf_counter()
-            for _ in range(rounds):
-                t0 = time.perf_counter()
-                direct(batch)
-                latencies.append((time.perf_counter() - t0) * 1000)
-            wall = time.perf_counter() - started
-            result = summary(latencies, wall)
-            result["rps"] = rounds * batch / wall  # images (= requests of one image) per second
+            calls = max(10, args.requests // batch)
+            latencies = timed(lambda batch=batch: direct(batch), calls)
+            result = summary(latencies, sum(latencies) / 1000)
+            result["rps"] = calls * batch / (sum(latencies) / 1000)  # images (= requests of one image) per second
             report["direct"][batch] = result
 
         # -- search time per embedding size ------------------------------------------------------------------------
@@ -384,12 +395,32 @@ def main() -> None:
         serve.run(noop_app(), name="noop", route_prefix="/noop")
         print("service up: batching on at /batched, off at /unbatched, off without the gateway at /no-gateway, no-op "
               "at /noop (one replica each, 1 CPU)")
-        report["serve"] = {}
-        for mode in (*modes, "noop"):
-            url = f"http://127.0.0.1:{port}/{mode}/v1/classify"  # the no-op app answers any path
+        urls = {mode: f"http://127.0.0.1:{port}/{mode}/v1/classify" for mode in (*modes, "noop")}  # noop: any path
+        for url in urls.values():
             asyncio.run(load(url, payload, 4, 40))  # warm-up
-            report["serve"][mode] = {}
-            for concurrency in LEVELS:
+        # Concurrency 1, where the overhead is compared with the floor: ROUNDS rounds, each sending a share of the
+        # requests to every app in turn (a different app first each round) and timing the direct call between, so
+        # that what the machine does meanwhile falls on every figure alike; the overhead is taken per round.
+        torch.set_num_threads(1)
+        share = max(10, args.requests // ROUNDS)
+        rounds: list[dict[str, float]] = []
+        pooled: dict[str, list[float]] = {mode: [] for mode in urls}
+        errors = dict.fromkeys(urls, 0)
+        for r in range(ROUNDS):
+            names = list(urls)[r % len(urls):] + list(urls)[:r % len(urls)]
+            figures = {}
+            for mode in names:
+                result = asyncio.run(load(urls[mode], payload, 1, share, keep=pooled[mode]))
+                figures[mode] = result["p50_ms"]
+                errors[mode] += result["errors"]
+            figures["direct"] = statistics.median(timed(lambda: direct(1), share))
+            rounds.append(figures)
+        torch.set_num_threads(os.cpu_count() or 1)
+        report["c1_rounds"] = rounds
+        report["serve"] = {mode: {1: {**summary(pooled[mode], sum(pooled[mode]) / 1000), "errors": errors[mode]}}
+                           for mode in urls}
+        for mode, url in urls.items():
+            for concurrency in LEVELS[1:]:
                 report["serve"][mode][concurrency] = asyncio.run(load(url, payload, concurrency, args.requests))
 
     print()
@@ -406,12 +437,17 @@ def main() -> None:
     for batch, r in report["direct"].items():
         label = "direct, 1 image" if batch == 1 else f"direct, batch of {batch}"
         print(f"{label:<22}{'-':>6}{r['rps']:>9.1f}{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}{'':>8}")
-    floor = report["serve"]["noop"][1]["p50_ms"]
+    print(f"serving overhead at concurrency 1 (p50 of serve - p50 of the direct call, over the floor's p50), per round "
+          f"of {ROUNDS}, then the median:")
+    floors = [r["noop"] for r in rounds]
     for mode in modes:
-        overhead = report["serve"][mode][1]["p50_ms"] - report["direct"][1]["p50_ms"]
+        ratios = [(r[mode] - r["direct"]) / r["noop"] for r in rounds]
+        overhead = statistics.median([r[mode] - r["direct"] for r in rounds])
         report[f"serving_overhead_p50_ms_{mode}"] = overhead
-        print(f"serving overhead at concurrency 1, {labels[mode]} (p50 of serve - p50 of the direct call): "
-              f"{overhead:.1f} ms = {overhead / floor:.2f}x the floor's p50 ({floor:.1f} ms)")
+        report[f"serving_overhead_to_floor_{mode}"] = statistics.median(ratios)
+        print(f"  {labels[mode]:<20} " + " ".join(f"{x:.2f}x" for x in ratios) +
+              f"  median {statistics.median(ratios):.2f}x ({overhead:.1f} ms over a floor of "
+              f"{statistics.median(floors):.1f} ms)")
     print()
     print("faiss exact search, µs per query (single query: top 5 / all classes; batch of 256: top 5):")
     for count, per_dim in report["search"].items():

@@ -44,6 +44,7 @@ from ray import serve
 from ray.serve.deployment import Application
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ogclip import __version__
 from ogclip.config import load_yaml_config
@@ -144,24 +145,52 @@ def _guard(what: str) -> Iterator[None]:
 
 # -- app-level hooks ---------------------------------------------------------------------------------------------
 
-@app.middleware("http")
-async def _observe(request: Request, call_next: Any) -> Any:
-    started = time.perf_counter()
-    admission = _STATE.admission
-    refusal = admission.refusal(request.scope.get(DEADLINE_KEY)) if admission is not None else None
-    if refusal is not None:
-        response = error_response(refusal)
-    else:
-        response = await call_next(request)
-        if admission is not None:
-            admission.served(time.perf_counter() - started)
+class _Observe:
+    """Admission and metrics around every HTTP request, as a plain ASGI middleware: a request past its deadline is
+    refused before the app sees it, and every answer is counted with its status and time. (Starlette's
+    ``BaseHTTPMiddleware`` would run the app in a task of its own behind memory streams: a cost on every request.)"""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 0
+
+        async def observed(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        admission = _STATE.admission
+        refusal = admission.refusal(scope.get(DEADLINE_KEY)) if admission is not None else None
+        try:
+            if refusal is not None:
+                await error_response(refusal)(scope, receive, observed)
+            else:
+                await self.app(scope, receive, observed)
+                if admission is not None:
+                    admission.served(time.perf_counter() - started)
+        except Exception:
+            _count(scope["path"], 500, started)  # the outermost handler answers it with a 500
+            raise
+        _count(scope["path"], status, started)  # (a request cancelled by its client's leaving is not counted)
+
+
+def _count(path: str, status: int, started: float) -> None:
     metrics = _STATE.metrics
     if metrics is not None:
-        endpoint = endpoint_label(request.url.path)
-        metrics.request(endpoint, response.status_code, (time.perf_counter() - started) * 1000)
-        if response.status_code >= 400:
-            metrics.error(endpoint, str(response.status_code))
-    return response
+        endpoint = endpoint_label(path)
+        metrics.request(endpoint, status, (time.perf_counter() - started) * 1000)
+        if status >= 400:
+            metrics.error(endpoint, str(status))
+
+
+app.add_middleware(_Observe)
 
 
 @app.exception_handler(ServiceError)
@@ -485,12 +514,21 @@ class OGClipClassifier:
         self.metrics.batch("text", len(texts))
         return list(await asyncio.to_thread(text_features, self.model, texts))
 
-    async def _encode_images(self, items: list[PreparedImage]) -> np.ndarray:
-        """Full-size image features, (len(items), D): through the cross-request batcher, or directly."""
+    async def _encode_images(self, raw: list[RawImage], segment: bool | None, names: list[str] | None = None,
+                             image_suffix: str = ".image") -> tuple[list[PreparedImage], np.ndarray]:
+        """``raw`` decoded, checked and preprocessed (:meth:`_prepare`) off the event loop, and their full-size
+        features, (len(raw), D): through the cross-request batcher, or in the same thread as the preprocessing."""
         if self.cfg.batching.enabled:
-            return np.stack(await asyncio.gather(*(self._image_batch(item) for item in items)))
-        self.metrics.batch("image", len(items))
-        return await asyncio.to_thread(image_features, self.model, self.device, items)
+            prepared = await asyncio.to_thread(self._prepare, raw, segment, names, image_suffix)
+            return prepared, np.stack(await asyncio.gather(*(self._image_batch(item) for item in prepared)))
+
+        def prepare_and_encode() -> tuple[list[PreparedImage], np.ndarray]:
+            prepared = self._prepare(raw, segment, names, image_suffix)
+            return prepared, image_features(self.model, self.device, prepared)
+
+        prepared, features = await asyncio.to_thread(prepare_and_encode)
+        self.metrics.batch("image", len(prepared))
+        return prepared, features
 
     async def _encode_texts(self, texts: list[str]) -> np.ndarray:
         if self.cfg.batching.enabled:
@@ -519,30 +557,31 @@ class OGClipClassifier:
     async def _parse_classify(self, request: Request) -> tuple[ClassifyOptions, list[RawImage]]:
         limits = self.cfg.limits
         content_type = request.headers.get("content-type", "")
-        await read_body(request, limits.max_request_bytes)
+        body = await read_body(request, limits.max_request_bytes)
         if content_type.startswith("multipart/form-data"):
             return await self._parse_multipart(request)
         if not content_type.startswith("application/json"):
             raise BadRequest(f"unsupported content type {content_type!r}: send application/json or "
                              "multipart/form-data")
-        data = await asyncio.to_thread(parse_json, await request.body())  # up to max_request_bytes: off the loop
-        if isinstance(data, dict) and isinstance(data.get("images"), list) \
-                and len(data["images"]) > limits.max_images_per_request:
-            raise BadRequest(f"too many images: {len(data['images'])} > {limits.max_images_per_request} per request",
-                             param="images", code="too_many_images")
-        try:
-            body = ClassifyRequest.model_validate(data)
-        except ValidationError as exc:
-            raise RequestValidationError(exc.errors()) from exc
-        options = ClassifyOptions.model_validate(body.model_dump(exclude={"images"}))
 
-        def decode() -> list[RawImage]:
+        def parse() -> tuple[ClassifyOptions, list[RawImage]]:
+            """JSON, its validation and the base64 decoding: up to max_request_bytes of work, off the loop."""
+            data = parse_json(body)
+            if isinstance(data, dict) and isinstance(data.get("images"), list) \
+                    and len(data["images"]) > limits.max_images_per_request:
+                raise BadRequest(f"too many images: {len(data['images'])} > {limits.max_images_per_request} per "
+                                 "request", param="images", code="too_many_images")
+            try:
+                request_body = ClassifyRequest.model_validate(data)
+            except ValidationError as exc:
+                raise RequestValidationError(exc.errors()) from exc
             cap = limits.max_image_bytes
-            return [RawImage(image=decode_base64(item.image, f"images[{i}].image", cap),
-                             mask=None if item.mask is None else decode_base64(item.mask, f"images[{i}].mask", cap),
-                             box=item.box) for i, item in enumerate(body.images)]
+            return ClassifyOptions.model_validate(request_body.model_dump(exclude={"images"})), [
+                RawImage(image=decode_base64(item.image, f"images[{i}].image", cap),
+                         mask=None if item.mask is None else decode_base64(item.mask, f"images[{i}].mask", cap),
+                         box=item.box) for i, item in enumerate(request_body.images)]
 
-        return options, await asyncio.to_thread(decode)
+        return await asyncio.to_thread(parse)
 
     async def _parse_multipart(self, request: Request) -> tuple[ClassifyOptions, list[RawImage]]:
         limits = self.cfg.limits
@@ -715,8 +754,7 @@ class OGClipClassifier:
                 raise BadRequest(f"top_k {options.top_k} is over the limit of {self.cfg.limits.max_top_k}",
                                  param="top_k")
             class_set, classes, index = await self._candidates(snapshot, options)
-            prepared = await asyncio.to_thread(self._prepare, raw, options.segment)
-            features = await self._encode_images(prepared)
+            prepared, features = await self._encode_images(raw, options.segment)
             similarities, rows = index.search(features, dim, len(classes))  # all candidates: softmax needs them
             probabilities = scores(similarities, self.logit_scale)
             top_k = min(options.top_k, len(classes))
@@ -767,8 +805,7 @@ class OGClipClassifier:
             if images:
                 raw = await asyncio.to_thread(lambda: [RawImage(image=decode_base64(
                     inputs[i], f"input[{i}]", limits.max_image_bytes)) for i in images])
-                prepared = await asyncio.to_thread(self._prepare, raw, False, [f"input[{i}]" for i in images], "")
-                features[images] = await self._encode_images(prepared)
+                _, features[images] = await self._encode_images(raw, False, [f"input[{i}]" for i in images], "")
             if texts:
                 features[texts] = await self._encode_texts([inputs[i] for i in texts])
             vectors = normalise(features[:, :dim])
@@ -813,8 +850,8 @@ class OGClipClassifier:
                                      mask=None if item.mask is None else decode_base64(item.mask, "image.mask", cap),
                                      box=item.box)]
 
-                prepared = await asyncio.to_thread(self._prepare, await asyncio.to_thread(decode), None, ["image"], "")
-                query, index, direction = await self._encode_images(prepared), collection.texts, "image_to_text"
+                _, query = await self._encode_images(await asyncio.to_thread(decode), None, ["image"], "")
+                index, direction = collection.texts, "image_to_text"
             similarities, rows = await asyncio.to_thread(index.search, query, dim, body.top_k)
             results = [{"rank": rank + 1, "id": collection.ids[row], "label": collection.labels[row],
                         "caption": collection.captions[row], "similarity": float(similarity)}
