@@ -34,8 +34,8 @@ class StageResources(StrictModel):
 
     num_cpus: float = Field(default=0.5, gt=0)
     num_gpus: float = Field(default=0.0, ge=0)
-    concurrency: int = Field(default=1, ge=1, description="actors in the pool of a stage that loads a model, "
-                             "tasks at once of a weight-free one")
+    concurrency: int = Field(default=1, ge=1, description="most actors in the pool of a stage that loads a model "
+                             "(it starts with one and grows while blocks wait), tasks at once of a weight-free one")
     batch_size: int = Field(default=32, ge=1)
 
 

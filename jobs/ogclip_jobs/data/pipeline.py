@@ -72,16 +72,19 @@ class StageError(RuntimeError):
 
 
 def _map(ds: Dataset, fn: Any, resources: StageResources, **kwargs: Any) -> Dataset:
-    """``map_batches`` with a stage's resources, ``concurrency`` of them at once. A class (a stage that loads a
-    model) runs in a pool of actors, each constructed once with ``kwargs``; a function or a callable instance
-    (weight-free work) runs as tasks, in the worker processes Ray keeps warm, where an actor pool would start a
-    process, and import torch in it, for every stage."""
+    """``map_batches`` with a stage's resources, up to ``concurrency`` of them at once. A class (a stage that loads a
+    model) runs in a pool of actors, each constructed once with ``kwargs``; the pool starts with one and grows to
+    ``concurrency`` while blocks wait for it (an actor's start, a process importing and loading the model, costs a
+    core for seconds: a short run pays for one). A function or a callable instance (weight-free work) runs as
+    tasks, in the worker processes Ray keeps warm, where an actor pool would start a process, and import torch in
+    it, for every stage."""
     options: dict[str, Any] = {"batch_size": resources.batch_size, "num_cpus": resources.num_cpus,
                                "batch_format": "numpy"}
     if resources.num_gpus:
         options["num_gpus"] = resources.num_gpus
     if isinstance(fn, type):
-        options.update(compute=ray.data.ActorPoolStrategy(size=resources.concurrency), fn_constructor_kwargs=kwargs)
+        options.update(compute=ray.data.ActorPoolStrategy(min_size=1, max_size=resources.concurrency),
+                       fn_constructor_kwargs=kwargs)
     else:
         options["compute"] = ray.data.TaskPoolStrategy(size=resources.concurrency)
     return ds.map_batches(fn, **options)
