@@ -50,8 +50,8 @@ def classes() -> dict[str, dict]:
 
 
 def ray_run(images: int, size: int, cpus: int, bundle: Path, alone: bool) -> dict[str, float]:
-    """Seconds on local Ray with ``cpus`` CPUs (every stage runs ``cpus`` tasks or actors at once): per stage, each
-    run alone, or of the streamed row stages (``stream``) and the shards of a full run."""
+    """Seconds on local Ray with ``cpus`` CPUs (every stage runs up to ``cpus`` tasks or actors at once): per stage,
+    each run alone, or of the streamed row stages (``stream``) and the shards of a full run."""
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     try:
         per_class = images // len(classes())
