@@ -50,6 +50,7 @@ from ogclip_kg.prompts import fetch_class_facts, prompt_texts
 from ogclip_kg.server import bolt_uri
 from ogclip_kg.store import GraphStore
 from ogclip_serve.config import (
+    GatewayConfig,
     ServeAutoscalingConfig,
     ServeClassesConfig,
     ServeConfig,
@@ -164,6 +165,8 @@ def service_config(info: BundleInfo, port: int, **updates: Any) -> ServeConfig:
         classes=ServeClassesConfig(class_sets=["test", HOT_SET], poll_interval_s=0.5),
         masks=ServeMaskConfig(segmenter="cpu"),
         retrieval=ServeRetrievalConfig(collection=info.path.parent / "collection", poll_interval_s=0.5),
+        # The replicas' half of it is 2 s: these tests put four to forty requests at once on 0.25-CPU replicas.
+        gateway=GatewayConfig(latency_budget_s=4.0),
     )
     return cfg.model_copy(update=updates)
 
@@ -395,23 +398,31 @@ def test_a_request_past_its_deadline_is_refused_before_any_work() -> None:
 def test_the_gateway_admits_what_the_replicas_answer_within_the_budget() -> None:
     from ogclip_serve.gateway import ConcurrencyLimit
 
-    limit = ConcurrencyLimit(budget_s=2.0, ceiling=80)
-    assert limit.admits(79) and not limit.admits(80)
-    for _ in range(30):  # answers that take 1.5 s use more than the gateway's half of the budget
+    now = [0.0]
+    limit = ConcurrencyLimit(budget_s=2.0, ceiling=80, start=16, clock=lambda: now[0])
+    assert limit.target_s == 1.0  # the gateway's half of the budget; the other half is the HTTP proxy's
+    assert limit.admits(15) and not limit.admits(16), "it starts at what the replicas work on, not what they queue"
+    assert ConcurrencyLimit(budget_s=2.0, ceiling=8, start=16).limit == 8.0
+    now[0] = 10.0
+    for _ in range(30):  # 30 late answers to requests sent together: one round trip, one cut
         limit.answered(1.5)
-    assert 1 <= limit.limit < 5 and not limit.admits(5)
-    for _ in range(100):
+    assert limit.limit == pytest.approx(14.4)
+    now[0] += 0.5
+    limit.answered(1.5)  # sent before that cut: it reports the same queue
+    assert limit.limit == pytest.approx(14.4)
+    for _ in range(40):  # late answers to requests sent after each cut: a tenth off each time, down to one
+        now[0] += 2.0
         limit.answered(1.5)
     assert limit.limit == 1.0 and limit.admits(0) and not limit.admits(1)
-    for _ in range(40):  # fast answers: the limit grows back, one per answer, up to what the replicas can hold
+    for _ in range(10):  # on-time answers: one more request per round trip (one over the limit per answer)
         limit.answered(0.05)
-    assert limit.limit == 41.0
-    for _ in range(100):
+    assert 4.0 < limit.limit < 5.0
+    for _ in range(10_000):
         limit.answered(0.05)
-    assert limit.limit == 80.0
-    unbounded = ConcurrencyLimit(budget_s=None, ceiling=80)
+    assert limit.limit == 80.0, "never above what the replicas can hold"
+    unbounded = ConcurrencyLimit(budget_s=None, ceiling=80, start=16)
     unbounded.answered(60.0)
-    assert unbounded.limit == 80.0
+    assert unbounded.limit == 80.0 and unbounded.target_s is None  # no budget: no deadline, nothing adapts
 
     # A refusal's Retry-After: the time the replicas need to answer what they hold, at their recent rate.
     now = [0.0]

@@ -91,8 +91,8 @@ app = FastAPI(
 
 
 class Admission:
-    """Load shedding by deadline: a request that would be answered after its deadline (set by the gateway from
-    ``gateway.latency_budget_s`` when the request arrived) is refused with 503 and ``Retry-After`` when it reaches
+    """Load shedding by deadline: a request that would be answered after its deadline (set by the gateway when the
+    request arrived: half of ``gateway.latency_budget_s`` later) is refused with 503 and ``Retry-After`` when it reaches
     the replica's app, before any work, instead of being served late. How long a request takes from there is a
     moving average of the admitted ones, so the check follows what requests cost now (their size, the batch, the
     CPU), not a number in the config."""

@@ -151,9 +151,11 @@ class GatewayConfig(StrictModel):
         default=30, ge=0, description="the longest Retry-After of a refusal at capacity, which asks for the time the "
         "replicas need to answer what they hold, at the rate they answer now")
     latency_budget_s: float | None = Field(
-        default=2.0, gt=0, description="how long an admitted request may take from its arrival here: one that would "
-        "be answered later (it waited too long for a replica) is refused with 503 and Retry-After when it reaches "
-        "the replica, before any work; null: no budget, requests wait as long as the queues make them")
+        default=2.0, gt=0, description="how long an admitted request may take, as its client sees it. Half of it is "
+        "the replicas': a request that would be answered later than half the budget after it reached the gateway "
+        "(it waited too long for a replica) is refused with 503 and Retry-After when it reaches the replica, "
+        "before any work; the other half is for Serve's HTTP proxy and the network, which the gateway cannot see. "
+        "null: no budget, requests wait as long as the queues make them")
     ready_timeout_s: float = Field(
         default=1.0, gt=0, description="how long /readyz waits for a replica before it counts them as busy")
     busy_ready_s: float = Field(
@@ -190,6 +192,12 @@ class ServeConfig(StrictModel):
         """How many requests the classifier replicas can work on and queue at most (all replicas up)."""
         d = self.deployment
         return d.autoscaling.max_replicas * d.max_ongoing_requests + d.max_queued_requests
+
+    @property
+    def classifier_working(self) -> int:
+        """How many requests the replicas kept warm work on at once (``min_replicas`` of them, none queued)."""
+        d = self.deployment
+        return d.autoscaling.min_replicas * d.max_ongoing_requests
 
 
 def serve_config(value: ServeConfig | Mapping[str, Any]) -> ServeConfig:

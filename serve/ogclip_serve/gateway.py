@@ -10,14 +10,15 @@ the replica dies first, an idempotent request (``POST /v1/classify``, ``/v1/embe
 ``Retry-After``. Back-pressure (the
 replicas' queues full) is a 503 with ``Retry-After`` too, in the service's error format.
 
-Admission: each request carries the deadline its arrival sets (``gateway.latency_budget_s``); a replica refuses
-one that would be answered later (503, ``Retry-After``) before any work, so the time an admitted request spends
-from the gateway on stays near the budget however long the queues are (time spent in Serve's HTTP proxy before the
-gateway sees the request is outside it). ``/healthz`` is answered here (the HTTP path is alive, whatever the
-replicas' queues hold); ``/readyz`` asks a replica, and when every replica is too busy to answer it within
-``gateway.ready_timeout_s`` while they keep answering requests, answers the last readiness a replica gave: busy is
-not unready. That answer is kept fresh by the gateway's own health check (every ``health_check_period_s`` from its
-start), so a gateway flooded before anyone asked ``/readyz`` still knows whether its replicas can serve.
+Admission: each request carries the deadline its arrival sets, half of ``gateway.latency_budget_s`` later (the other
+half is for Serve's HTTP proxy and the network, before the gateway sees the request and after it answers); a replica
+refuses one that would be answered later (503, ``Retry-After``) before any work, so the time an admitted request
+spends from the gateway on stays within its half however long the queues are. ``/healthz`` is answered here (the
+HTTP path is alive, whatever the replicas' queues hold); ``/readyz`` asks a replica, and when every replica is too
+busy to answer it within ``gateway.ready_timeout_s`` while they keep answering requests, answers the last readiness
+a replica gave: busy is not unready. That answer is kept fresh by the gateway's own health check (every
+``health_check_period_s`` from its start), so a gateway flooded before anyone asked ``/readyz`` still knows whether
+its replicas can serve.
 """
 
 # No ``from __future__ import annotations``: Serve resolves the ``request`` annotation of ``__call__``.
@@ -70,24 +71,30 @@ def _route(request: Request) -> str:
 
 class ConcurrencyLimit:
     """How many requests the gateway lets the replicas hold at once (working and queued), adapted to how fast they
-    answer: additive increase, multiplicative decrease on latency. An answer that took more than half the latency
-    budget from here (the other half is for what the gateway cannot see: Serve's HTTP proxy, the network; a
-    replica's refusal of a request as too late comes after such a wait too) shrinks the limit by a tenth; any other
-    answer grows it by one, up to ``ceiling`` (what the replicas can hold), so a limit cut by a burst is back within
-    as many fast answers. Under overload the queue thus stays as long as the replicas can work off within the
-    budget, and what is over it is refused at once, before its body is read, instead of after a wait.
+    answer: additive increase, multiplicative decrease on latency, as TCP's congestion avoidance does with its
+    window. An answer that took more than half the latency budget from here (the other half is for what the
+    gateway cannot see: Serve's HTTP proxy, the network; a replica's refusal of a request as too late comes after
+    such a wait too) cuts the limit by a tenth, once per round trip: answers to requests sent before the last cut
+    report the queue that cut was for and do not cut again. Any other answer grows the limit by one over the
+    limit, about one request per round trip, up to ``ceiling`` (what the replicas can hold at most). The limit
+    starts at ``start``, what the replicas work on at once, not at what they can queue: the first burst of an
+    overload then waits no longer than later ones. Under overload the queue thus stays as long as the replicas
+    can work off within the budget, and what is over it is refused at once, before its body is read, instead of
+    after a wait.
 
     A refusal's ``Retry-After`` (:meth:`retry_after`) is the time the replicas need to answer what they already
     hold, at the rate they answered over the last ``window_s``: clients that honour it come back when there is
     room, instead of every second, so refusals stop costing the HTTP proxy what the admitted requests need."""
 
-    def __init__(self, budget_s: float | None, ceiling: int, window_s: float = 10.0,
+    def __init__(self, budget_s: float | None, ceiling: int, start: int | None = None, window_s: float = 10.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.target_s = None if budget_s is None else budget_s / 2
         self.ceiling = float(ceiling)
-        self.limit = self.ceiling
+        # Without a budget nothing adapts: the limit is all the replicas can hold.
+        self.limit = self.ceiling if start is None or budget_s is None else float(min(max(start, 1), ceiling))
         self.window_s, self.clock = window_s, clock
         self._answers: deque[float] = deque()  # clock() of the answers within the window
+        self._cut_at = -math.inf  # clock() of the last cut
 
     def admits(self, in_flight: int) -> bool:
         return in_flight < max(1, int(self.limit))
@@ -104,13 +111,16 @@ class ConcurrencyLimit:
         return max(least, min(most, math.ceil(in_flight / rate)))
 
     def answered(self, seconds: float) -> None:
-        self._answers.append(self.clock())
+        """An answer to a request sent ``seconds`` ago."""
+        now = self.clock()
+        self._answers.append(now)
         if self.target_s is None:
             return
-        if seconds > self.target_s:
+        if seconds <= self.target_s:
+            self.limit = min(self.ceiling, self.limit + 1.0 / self.limit)
+        elif now - seconds >= self._cut_at:
             self.limit = max(1.0, self.limit * 0.9)
-        else:
-            self.limit = min(self.ceiling, self.limit + 1.0)
+            self._cut_at = now
 
 
 @serve.deployment
@@ -128,12 +138,13 @@ class OGClipGateway:
         self._ready: Answer | None = None  # a replica's last answer to /readyz, if it was "ready" (200)
         self._answered_at = -math.inf  # time.monotonic() of a replica's last answer to any request
         self._in_flight = 0  # requests handed to the replicas and not answered yet
-        self._limit = ConcurrencyLimit(cfg.gateway.latency_budget_s, cfg.classifier_capacity)
+        self._limit = ConcurrencyLimit(cfg.gateway.latency_budget_s, cfg.classifier_capacity, cfg.classifier_working)
 
     async def __call__(self, request: Request) -> Response:
         started = time.perf_counter()
-        budget = self.cfg.gateway.latency_budget_s
-        deadline = time.time() + budget if budget is not None else None
+        # The replicas get the gateway's half of the budget (the rest is the HTTP proxy's and the network's).
+        target = self._limit.target_s
+        deadline = time.time() + target if target is not None else None
         endpoint, route = endpoint_label(request.url.path), _route(request)
         try:
             if route == "/healthz" and request.method == "GET":
