@@ -367,11 +367,18 @@ def test_a_request_past_its_deadline_is_refused_before_any_work() -> None:
     from ogclip_serve.app import _STATE, Admission, _register
     from ogclip_serve.transport import DEADLINE_KEY, Forwarded, run_asgi
 
-    admission = Admission(retry_after_s=3)
+    admission = Admission(retry_after_s=3, budget_s=1.0)
     assert admission.refusal(None) is None and admission.refusal(time.time() + 5) is None
     admission.served(2.0)  # requests take 0.2 s now (a moving average)
     assert admission.expected_s == pytest.approx(0.2)
     assert admission.refusal(time.time() + 0.1) is not None and admission.refusal(time.time() + 1.0) is None
+    for _ in range(30):  # requests that take longer than the whole budget: none could be in time, so none is
+        admission.served(1.5)  # refused, and the average goes on learning from what is served
+    assert admission.expected_s > 1.0 and admission.refusal(time.time() + 0.1) is None
+    for _ in range(60):
+        admission.served(0.1)
+    assert admission.expected_s < 0.2 and admission.refusal(time.time() + 0.1) is not None
+    assert Admission(retry_after_s=3, budget_s=None).refusal(time.time() - 1) is None
 
     seen: dict[str, Any] = {}
 
@@ -386,7 +393,7 @@ def test_a_request_past_its_deadline_is_refused_before_any_work() -> None:
     assert seen["deadline"] == 12.5  # the deadline reaches the app in its scope
 
     previous = (_STATE.auth, _STATE.metrics, _STATE.admission)
-    _register(None, None, Admission(retry_after_s=3))  # type: ignore[arg-type]
+    _register(None, None, Admission(retry_after_s=3, budget_s=1.0))  # type: ignore[arg-type]
     try:
         late = asyncio.run(run_asgi(service_app.app, Forwarded(scope=scope, body=b"{}", deadline=time.time() - 1)))
     finally:
@@ -398,11 +405,12 @@ def test_a_request_past_its_deadline_is_refused_before_any_work() -> None:
 def test_the_gateway_admits_what_the_replicas_answer_within_the_budget() -> None:
     from ogclip_serve.gateway import ConcurrencyLimit
 
+    assert GatewayConfig(latency_budget_s=2.0).replica_budget_s == 1.0  # the other half is the HTTP proxy's
+    assert GatewayConfig(latency_budget_s=None).replica_budget_s is None
     now = [0.0]
-    limit = ConcurrencyLimit(budget_s=2.0, ceiling=80, start=16, clock=lambda: now[0])
-    assert limit.target_s == 1.0  # the gateway's half of the budget; the other half is the HTTP proxy's
+    limit = ConcurrencyLimit(target_s=1.0, ceiling=80, start=16, clock=lambda: now[0])
     assert limit.admits(15) and not limit.admits(16), "it starts at what the replicas work on, not what they queue"
-    assert ConcurrencyLimit(budget_s=2.0, ceiling=8, start=16).limit == 8.0
+    assert ConcurrencyLimit(target_s=1.0, ceiling=8, start=16).limit == 8.0
     now[0] = 10.0
     for _ in range(30):  # 30 late answers to requests sent together: one round trip, one cut
         limit.answered(1.5)
@@ -420,13 +428,13 @@ def test_the_gateway_admits_what_the_replicas_answer_within_the_budget() -> None
     for _ in range(10_000):
         limit.answered(0.05)
     assert limit.limit == 80.0, "never above what the replicas can hold"
-    unbounded = ConcurrencyLimit(budget_s=None, ceiling=80, start=16)
+    unbounded = ConcurrencyLimit(target_s=None, ceiling=80, start=16)
     unbounded.answered(60.0)
     assert unbounded.limit == 80.0 and unbounded.target_s is None  # no budget: no deadline, nothing adapts
 
     # A refusal's Retry-After: the time the replicas need to answer what they hold, at their recent rate.
     now = [0.0]
-    paced = ConcurrencyLimit(budget_s=2.0, ceiling=80, window_s=10.0, clock=lambda: now[0])
+    paced = ConcurrencyLimit(target_s=1.0, ceiling=80, window_s=10.0, clock=lambda: now[0])
     assert paced.retry_after(60, least=1, most=30) == 1  # no answers yet: the rate is unknown
     for _ in range(40):  # 4 answers a second
         now[0] += 0.25

@@ -92,17 +92,19 @@ app = FastAPI(
 
 class Admission:
     """Load shedding by deadline: a request that would be answered after its deadline (set by the gateway when the
-    request arrived: half of ``gateway.latency_budget_s`` later) is refused with 503 and ``Retry-After`` when it reaches
-    the replica's app, before any work, instead of being served late. How long a request takes from there is a
-    moving average of the admitted ones, so the check follows what requests cost now (their size, the batch, the
-    CPU), not a number in the config."""
+    request arrived: ``GatewayConfig.replica_budget_s`` later) is refused with 503 and ``Retry-After`` when it
+    reaches the replica's app, before any work, instead of being served late. How long a request takes from there
+    is a moving average of the admitted ones, so the check follows what requests cost now (their size, the batch,
+    the CPU), not a number in the config. While that average is over the budget itself, nothing is refused: no
+    request could be answered in time, refusing them all would keep the average from ever learning otherwise, and
+    the gateway's limit (one request at a time by then) bounds the queue."""
 
-    def __init__(self, retry_after_s: int) -> None:
-        self.retry_after_s = retry_after_s
+    def __init__(self, retry_after_s: int, budget_s: float | None) -> None:
+        self.retry_after_s, self.budget_s = retry_after_s, budget_s
         self.expected_s = 0.0
 
     def refusal(self, deadline: float | None) -> Unavailable | None:
-        if deadline is None:
+        if deadline is None or self.budget_s is None or self.expected_s >= self.budget_s:
             return None
         late = time.time() + self.expected_s - deadline
         if late <= 0:
@@ -395,7 +397,7 @@ class OGClipClassifier:
         self._text_batch.set_batch_wait_timeout_s(cfg.batching.batch_wait_timeout_s)
         self._stop = threading.Event()
         self._start_sync_thread()
-        _register(auth, self.metrics, Admission(cfg.gateway.retry_after_s))
+        _register(auth, self.metrics, Admission(cfg.gateway.retry_after_s, cfg.gateway.replica_budget_s))
         log.info("replica ready: %s (%s), dims %s, revision %s, %s", self.bundle.model_version, self.bundle.name,
                  self.dims, self._snapshot.revision, {k: len(v.classes) for k, v in self._snapshot.class_sets.items()})
 

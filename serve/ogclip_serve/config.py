@@ -162,6 +162,12 @@ class GatewayConfig(StrictModel):
         default=10.0, ge=0, description="while every replica is busy, /readyz stays ready (answering the last "
         "readiness a replica gave) as long as a replica has answered a request within this many seconds")
 
+    @property
+    def replica_budget_s(self) -> float | None:
+        """The replicas' half of the latency budget: how long after a request reached the gateway it must be answered
+        there (the other half is for Serve's HTTP proxy and the network, which the gateway cannot see)."""
+        return None if self.latency_budget_s is None else self.latency_budget_s / 2
+
 
 class ServeConfig(StrictModel):
     """``ogclip serve up``: the classification service (Ray Serve), one app serving one export bundle."""

@@ -86,12 +86,12 @@ class ConcurrencyLimit:
     hold, at the rate they answered over the last ``window_s``: clients that honour it come back when there is
     room, instead of every second, so refusals stop costing the HTTP proxy what the admitted requests need."""
 
-    def __init__(self, budget_s: float | None, ceiling: int, start: int | None = None, window_s: float = 10.0,
+    def __init__(self, target_s: float | None, ceiling: int, start: int | None = None, window_s: float = 10.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.target_s = None if budget_s is None else budget_s / 2
+        self.target_s = target_s  # the replicas' half of the budget (``GatewayConfig.replica_budget_s``)
         self.ceiling = float(ceiling)
         # Without a budget nothing adapts: the limit is all the replicas can hold.
-        self.limit = self.ceiling if start is None or budget_s is None else float(min(max(start, 1), ceiling))
+        self.limit = self.ceiling if start is None or target_s is None else float(min(max(start, 1), ceiling))
         self.window_s, self.clock = window_s, clock
         self._answers: deque[float] = deque()  # clock() of the answers within the window
         self._cut_at = -math.inf  # clock() of the last cut
@@ -138,12 +138,11 @@ class OGClipGateway:
         self._ready: Answer | None = None  # a replica's last answer to /readyz, if it was "ready" (200)
         self._answered_at = -math.inf  # time.monotonic() of a replica's last answer to any request
         self._in_flight = 0  # requests handed to the replicas and not answered yet
-        self._limit = ConcurrencyLimit(cfg.gateway.latency_budget_s, cfg.classifier_capacity, cfg.classifier_working)
+        self._limit = ConcurrencyLimit(cfg.gateway.replica_budget_s, cfg.classifier_capacity, cfg.classifier_working)
 
     async def __call__(self, request: Request) -> Response:
         started = time.perf_counter()
-        # The replicas get the gateway's half of the budget (the rest is the HTTP proxy's and the network's).
-        target = self._limit.target_s
+        target = self.cfg.gateway.replica_budget_s
         deadline = time.time() + target if target is not None else None
         endpoint, route = endpoint_label(request.url.path), _route(request)
         try:
