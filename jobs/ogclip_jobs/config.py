@@ -285,7 +285,8 @@ class TrainJobConfig(StrictModel):
     keep_checkpoints: int = Field(default=2, ge=1)
     max_failures: int = Field(default=3, ge=-1, description="worker failures survived by resuming; -1 = always")
     log_every: int = Field(default=10, ge=1)
-    data_cpus: float = Field(default=0.25, gt=0, description="CPUs per Ray Data decoding task")
+    data_cpus: float = Field(default=0.25, gt=0, description="CPUs per Ray Data decoding task while the rows stream "
+                             "beside the workers (cache_decoded decodes before they start, one CPU per task)")
     cache_decoded: bool = Field(
         default=False, description="decode and augment once, keep the result in Ray's object store and replay it "
         "every epoch (small corpora: skips the per-epoch decode; each image keeps one augmentation draw)")
