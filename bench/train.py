@@ -4,7 +4,8 @@ cost = its plain-loop rate against OG-CLIP's: DetailCLIP's teacher, second view 
 og-clip-vit-l-14 in bf16 against the FLOP-bound limit of the GPU.
 
 The CPU work: og-clip-tiny, rendered 64 px synthetic targets with their masks, the same prompts, the same
-per-worker batch. Ray Train figures are taken from its own step timer (after start-up) and also given end to end.
+per-worker batch. Ray Train figures are read off the workers' progress lines (the steps after the first logged
+one) and also given end to end.
 The data are 8 classes × ``--per-class`` renders; with few rows an epoch is a few steps long, and every epoch of a
 Ray Train dataset shard starts with a round trip to its split coordinator (``--per-class 24``: an epoch of 6 steps).
 DetailCLIP runs with the CPU head of ``infra/configs/detailclip-cpu.yaml``.
