@@ -47,6 +47,26 @@ def test_a_collection_round_trips_and_a_new_revision_replaces_it(tmp_path: Path)
         read_collection(folder)
 
 
+def test_a_float16_collection_ranks_as_the_exact_index_does() -> None:
+    from ogclip_serve.index import VectorIndex
+
+    rng = np.random.default_rng(0)
+    centres = _vectors(50, dim=64)  # clustered, as embeddings are: near-ties exist but are rare
+    vectors = centres[rng.integers(0, 50, 5000)] + 0.5 * rng.normal(size=(5000, 64)).astype(np.float32)
+    queries = centres[rng.integers(0, 50, 40)] + 0.5 * rng.normal(size=(40, 64)).astype(np.float32)
+    dims = [16, 64]
+    exact, half = VectorIndex(vectors, dims), VectorIndex(vectors, dims, float16=True)
+    for dim in dims:
+        (want_s, want_i), (got_s, got_i) = exact.search(queries, dim, 10), half.search(queries, dim, 10)
+        np.testing.assert_allclose(got_s, want_s, atol=2e-3)
+        overlap = np.mean([len(set(w) & set(g)) / 10 for w, g in zip(want_i, got_i, strict=True)])
+        assert overlap >= 0.98, f"d={dim}: {overlap:.3f} of the exact top 10"
+        assert (got_i >= 0).all()
+    assert half.search(queries[:1], 64, 10_000)[1].shape == (1, 5000), "k beyond the size: every row"
+    empty = VectorIndex(np.zeros((0, 64), np.float32), dims, float16=True)
+    assert empty.search(queries[:2], 16, 10)[1].shape == (2, 0)
+
+
 def test_repeated_ids_are_told_apart() -> None:
     assert unique_ids(["a", "b", "a", "a"]) == ["a", "b", "a#2", "a#3"]
 

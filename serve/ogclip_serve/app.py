@@ -30,6 +30,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import numpy as np
@@ -422,7 +423,11 @@ class OGClipClassifier:
         folder = self.cfg.retrieval.collection
         if folder is None or current_revision(folder) is None:
             return None
-        return CollectionIndex.load(folder, self.bundle.model_version, self.dims, use_gpu=self.device.type == "cuda")
+        return self._read_collection(folder)
+
+    def _read_collection(self, folder: Path) -> CollectionIndex:
+        return CollectionIndex.load(folder, self.bundle.model_version, self.dims, use_gpu=self.device.type == "cuda",
+                                    float16=self.cfg.retrieval.storage == "float16")
 
     def _poll_collection(self) -> None:
         """Swap in a new revision of the collection when ``CURRENT`` names one. A revision that cannot be loaded
@@ -441,8 +446,7 @@ class OGClipClassifier:
         if revision is None or revision in (served, failed):
             return
         try:
-            self._collection = CollectionIndex.load(folder, self.bundle.model_version, self.dims,
-                                                    use_gpu=self.device.type == "cuda")
+            self._collection = self._read_collection(folder)
             self._collection_failed = None
             log.info("retrieval collection %s -> %s (%d items)", served, revision, len(self._collection.ids))
         except Exception as exc:  # a damaged or foreign revision: keep serving the last good one

@@ -42,28 +42,39 @@ def gpu_available() -> bool:
 
 
 class VectorIndex:
-    """Exact (flat) inner-product indexes of the same class vectors at several embedding sizes.
+    """Exhaustive (flat) inner-product indexes of the same vectors at several embedding sizes.
 
     Flat search is exact and, at the few thousand classes of a class set, takes microseconds to a millisecond;
-    an approximate index would only add recall loss. A GPU index is not safe to search from two threads at once,
+    an approximate index would only add recall loss. ``float16`` stores the vectors at half precision (faiss's
+    fp16 scalar quantizer; on a GPU, a flat index with float16 storage): still every vector scored, half the
+    memory, and a single query over a large collection about twice as fast (it reads half the bytes), with
+    similarities within about 1e-3 of the exact ones. A GPU index is not safe to search from two threads at once,
     so GPU searches take a lock; CPU searches do not need one.
     """
 
-    def __init__(self, vectors: np.ndarray, dims: list[int], use_gpu: bool = False) -> None:
+    def __init__(self, vectors: np.ndarray, dims: list[int], use_gpu: bool = False, float16: bool = False) -> None:
         faiss = _faiss()
-        vectors = np.asarray(vectors, dtype=np.float32).reshape(len(vectors), -1)
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2:  # rows of any shape, flattened; an empty (0, D) stays as it is
+            vectors = vectors.reshape(len(vectors), -1)
         self.size = len(vectors)
         self.full_dim = vectors.shape[1]
         self.on_gpu = use_gpu and gpu_available()
+        self.float16 = float16
         self._lock = threading.Lock() if self.on_gpu else None
         self._indexes: dict[int, Any] = {}
         self._resources = faiss.StandardGpuResources() if self.on_gpu else None
         for dim in dims:
-            index = faiss.IndexFlatIP(dim)
+            if float16 and not self.on_gpu:
+                index = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+            else:
+                index = faiss.IndexFlatIP(dim)
             if self.size:
                 index.add(normalise(vectors[:, :dim]))
             if self.on_gpu:
-                index = faiss.index_cpu_to_gpu(self._resources, 0, index)
+                options = faiss.GpuClonerOptions()
+                options.useFloat16 = float16
+                index = faiss.index_cpu_to_gpu(self._resources, 0, index, options)
             self._indexes[dim] = index
 
     @property
@@ -117,7 +128,8 @@ class Snapshot:
 @dataclass(frozen=True)
 class CollectionIndex:
     """A retrieval collection as a replica serves it: its items and one flat index per served size for their image
-    embeddings and one for their captions'. Immutable and swapped whole, like :class:`Snapshot`."""
+    embeddings and one for their captions' (``retrieval.storage``: float16 by default). Immutable and swapped
+    whole, like :class:`Snapshot`."""
 
     revision: str
     model_version: str
@@ -129,13 +141,16 @@ class CollectionIndex:
     loaded_at: float = field(default_factory=time.time)
 
     @classmethod
-    def load(cls, folder: Any, model_version: str, dims: list[int], use_gpu: bool = False) -> CollectionIndex:
-        """The current revision at ``folder`` (refused when embedded by another model)."""
+    def load(cls, folder: Any, model_version: str, dims: list[int], use_gpu: bool = False,
+             float16: bool = False) -> CollectionIndex:
+        """The current revision at ``folder`` (refused when embedded by another model); ``float16``: see
+        :class:`VectorIndex`."""
         from ogclip.collection import read_collection
 
         found = read_collection(folder, expected_version=model_version)
         return cls(found.revision, found.model_version, found.ids, found.labels, found.captions,
-                   VectorIndex(found.images, dims, use_gpu), VectorIndex(found.caption_vectors, dims, use_gpu))
+                   VectorIndex(found.images, dims, use_gpu, float16),
+                   VectorIndex(found.caption_vectors, dims, use_gpu, float16))
 
 
 def scores(similarities: np.ndarray, logit_scale: float) -> np.ndarray:
