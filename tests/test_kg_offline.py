@@ -31,6 +31,7 @@ def records():
     "MATCH (t:Target {name: 'CREATE'}) RETURN t",
     "MATCH (t:Target) WHERE t.name STARTS WITH $p RETURN t.name  // DELETE everything",
     "MATCH (t:`SET`) RETURN t",
+    "MATCH (t:Target) RETURN {key: t.key, name: toUpper(t.name), month: date.truncate('month', date())} AS row",
     "CALL db.labels() YIELD label RETURN label",
     "MATCH (t:Target)-[:IS_A*]->(c) RETURN t.name, collect(c.name) LIMIT 5",
 ])
@@ -51,6 +52,10 @@ def test_read_queries_pass_the_guard(query: str) -> None:
     "MATCH (n) RETURN n; MATCH (m) RETURN m",
     "MATCH (n) FOREACH (x IN [1] | CREATE (:Target))",
     "/* harmless */ MATCH (n) WITH n DELETE n",
+    "RETURN {a: util.sleep(8000)} AS m",
+    "WITH {a: `util.sleep`(1)} AS m RETURN m",
+    "RETURN [x IN range(1, 4) | {a: sql.version()}] AS m",
+    "RETURN size(TEXT.random(2000000000)) AS n",
     "",
 ])
 def test_writes_and_admin_are_refused(query: str) -> None:

@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw
 
 from ogclip.config import PreprocessConfig
 from ogclip.decode import ImageDecodeError, decode_image
-from ogclip.transforms import ROI_MARGIN, image_mask_transform, roi_window, upright_window
+from ogclip.transforms import ROI_MARGIN, central_part, image_mask_transform, roi_window, upright_window
 
 
 def _png(image: Image.Image) -> bytes:
@@ -140,6 +140,31 @@ def test_evaluation_transform_equals_torchvisions_pipeline(interpolation: str) -
         assert torch.equal(image, want_image.as_subclass(torch.Tensor))
         assert torch.equal(out_mask, want_mask.as_subclass(torch.Tensor))
         assert type(image) is torch.Tensor and type(out_mask) is torch.Tensor
+
+
+@pytest.mark.parametrize(("height", "width"), [(20, 1000), (1000, 7), (1, 400)])
+def test_a_long_image_is_cut_to_its_middle_first_and_reads_the_same(height: int, width: int) -> None:
+    """A strip is cut to what the centre crop keeps (plus the filter's margin) before its short side is scaled up:
+    a 1×100,000 image with an empty mask made a replica build a 64×6.4M image; cut, the model sees what the whole
+    strip would give it, up to sub-pixel rounding of the crop's offset."""
+    from torchvision import tv_tensors
+    from torchvision.transforms import v2 as T
+
+    cut, _ = central_part(torch.zeros(3, 1, 100_000), torch.zeros(1, 1, 100_000))
+    assert cut.shape == (3, 1, 17)
+    cut, _ = central_part(torch.zeros(3, 50, 150), torch.zeros(1, 50, 150))
+    assert cut.shape == (3, 50, 150), "a side within the margins is left whole"
+    cfg = PreprocessConfig(image_size=64, roi_zoom=2.0)
+    # smooth content: a sub-pixel shift of the crop moves values by the local gradient only
+    ys, xs = np.mgrid[0:height, 0:width]
+    pixels = np.stack([128 + 100 * np.sin(xs / 40 + c) * np.cos(ys / 40 - c) for c in range(3)], -1).astype(np.uint8)
+    empty = np.zeros((height, width), np.uint8)  # no object: the zoom has nothing to cut, the whole strip is read
+    image, mask = image_mask_transform(cfg)(Image.fromarray(pixels), empty)
+    whole = T.Compose([T.Resize(64, antialias=True), T.CenterCrop(64), T.ToDtype(torch.float32, scale=True),
+                       T.Normalize(mean=list(cfg.mean), std=list(cfg.std))])(
+        tv_tensors.Image(torch.from_numpy(pixels).permute(2, 0, 1))).as_subclass(torch.Tensor)
+    assert image.shape == (3, 64, 64) and mask.shape == (1, 64, 64) and not mask.any()
+    assert (image - whole).abs().mean() < 0.05 * whole.std(), "the same picture as the uncut strip gives"
 
 
 def _arrow(angle: float, size: int = 64) -> np.ndarray:

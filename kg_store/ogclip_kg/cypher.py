@@ -195,6 +195,9 @@ FUNCTION_NAMESPACES = frozenset({
     "agg", "coll", "convert", "date", "datetime", "duration", "geo", "localdatetime", "localtime", "map", "math",
     "node", "number", "path", "point", "rel", "string", "temporal", "text", "time", "vector",
 })
+# Functions of those namespaces an analyst may not call: ArcadeDB caps what its other generators build (ranges,
+# padding, format widths) but not text.random's length, and one call can fill the server's heap.
+REFUSED_FUNCTIONS = frozenset({"text.random"})
 SHOWABLE = frozenset({"INDEX", "INDEXES", "CONSTRAINT", "CONSTRAINTS"})
 
 _TOKEN = re.compile(r"""
@@ -241,7 +244,9 @@ def read_only_violation(query: str) -> str | None:
     TRANSACTIONS, SHOW other than SHOW INDEXES/CONSTRAINTS, procedures outside :data:`READ_PROCEDURES` (a backticked
     name is still that name), namespaced functions outside :data:`FUNCTION_NAMESPACES`, more than one statement, and
     an unterminated string, quoted name or comment. A word is a keyword only where the server reads one: not inside
-    a string, a comment or backticks, nor right after `.`, `:` or `$` (a property key, label or parameter).
+    a string, a comment or backticks, nor right after `.`, `:` or `$` (a property key, label or parameter). A name
+    followed by `(` is a function wherever it stands: after `:` it is a map's value (``{a: util.sleep(1)}``), not a
+    label.
     """
     toks = tokens(query)
     if not toks:
@@ -253,8 +258,12 @@ def read_only_violation(query: str) -> str | None:
         if (kind, text) == ("symbol", ";") and i + 1 < len(toks):
             return "one statement at a time"
         before = toks[i - 1] if i else ("", "")
-        if kind not in ("name", "quoted") or before in (("symbol", "."), ("symbol", ":"), ("symbol", "$")):
+        if kind not in ("name", "quoted") or before in (("symbol", "."), ("symbol", "$")):
             continue
+        name, end = _dotted_name(toks, i)
+        function = toks[end:end + 1] == [("symbol", "(")]
+        if before == ("symbol", ":") and not function:
+            continue  # a label or relationship type
         word = text.upper() if kind == "name" else ""
         after = toks[i + 1] if i + 1 < len(toks) else ("", "")
         if word in REFUSED_WORDS:
@@ -266,10 +275,11 @@ def read_only_violation(query: str) -> str | None:
             if procedure.lower() not in allowed:
                 return f"CALL {procedure} is not allowed; read-only procedures: {', '.join(READ_PROCEDURES)}"
         # A dotted name followed by `(` is a namespaced function, unless CALL made it the procedure checked above.
-        name, end = _dotted_name(toks, i)
         called = before[0] == "name" and before[1].upper() == "CALL"
-        function = "." in name and toks[end:end + 1] == [("symbol", "(")] and not called
-        if function and name.split(".")[0].lower() not in FUNCTION_NAMESPACES:
-            namespaces = ", ".join(sorted(FUNCTION_NAMESPACES))
-            return f"the function {name} is not allowed; allowed namespaces: {namespaces}"
+        if function and "." in name and not called:
+            if name.split(".")[0].lower() not in FUNCTION_NAMESPACES:
+                namespaces = ", ".join(sorted(FUNCTION_NAMESPACES))
+                return f"the function {name} is not allowed; allowed namespaces: {namespaces}"
+            if name.lower() in REFUSED_FUNCTIONS:
+                return f"the function {name} is not allowed (it builds a value of any size)"
     return None

@@ -17,7 +17,7 @@ from typing import Any
 
 import neo4j
 from neo4j import GraphDatabase
-from neo4j.exceptions import AuthError, Forbidden, Neo4jError, ServiceUnavailable
+from neo4j.exceptions import AuthError, DriverError, Forbidden, Neo4jError, ServiceUnavailable
 
 from ogclip.settings import Settings
 from ogclip_kg import cypher
@@ -194,7 +194,8 @@ class GraphStore:
         The one way the platform runs Cypher it did not write. Refused here when :func:`cypher.read_only_violation`
         finds a reason; otherwise run as the analyst account (whose permissions the server enforces) in a READ
         access-mode transaction with the server-side timeout, read up to ``limit`` rows and rolled back. A refusal by
-        the server raises :class:`ReadOnlyViolation` too; the server's time limit, :class:`QueryTimeout`.
+        the server raises :class:`ReadOnlyViolation` too; the server's time limit, :class:`QueryTimeout`; any other
+        failure, a lost connection included, :class:`GraphError`.
         """
         reason = cypher.read_only_violation(query)
         if reason:
@@ -227,6 +228,9 @@ class GraphStore:
                 raise QueryTimeout(f"stopped by the server at its time limit of {self.query_timeout_s:g} s "
                                    f"({exc.message or exc})") from exc
             raise GraphError(f"query failed: {exc.message or exc}") from exc
+        except DriverError as exc:  # the connection died under the query (e.g. the server ran out of memory)
+            raise GraphError(f"the graph server dropped the query's connection ({type(exc).__name__}: {exc}); the "
+                             "query did not finish and wrote nothing") from exc
 
     # -- whole-graph operations --------------------------------------------------------------------------------
 

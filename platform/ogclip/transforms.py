@@ -86,6 +86,23 @@ def upright_window(mask: Tensor, zoom: float) -> tuple[float, float, int, float]
             float(angle))
 
 
+def central_part(img: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``img`` and ``mask`` (…,H,W) cut along their long side to what a centre crop of the short side keeps, plus a
+    margin of the short side (at least 8 pixels) on each end for the resampling filter; unchanged when the long side
+    is within that. Resizing a 1×100,000 strip's short side to the model's size would build a 64×6.4M image to keep
+    its middle 64×64; cut first, it costs what a square does, and the centre crop sees the same pixels."""
+    height, width = img.shape[-2:]
+    short = min(height, width)
+    keep = short + 2 * max(short, 8)
+    if max(height, width) <= keep:
+        return img, mask
+    if height > width:
+        top = (height - keep) // 2
+        return img[..., top:top + keep, :], mask[..., top:top + keep, :]
+    left = (width - keep) // 2
+    return img[..., left:left + keep], mask[..., left:left + keep]
+
+
 def _cut_upright(img: Tensor, mask: Tensor, window: tuple[float, float, int, float]) -> tuple[Tensor, Tensor]:
     """The :func:`upright_window` of ``img`` and ``mask``: a square that holds the window at any angle is cut about
     its centre (the frame's edge pixels stand in beyond the image, an empty mask), turned, and the window taken from
@@ -113,7 +130,8 @@ def image_mask_transform(
 
     With ``cfg.roi_zoom`` > 1 the image and mask are first cut to the :func:`roi_window` around the mask's object;
     with ``cfg.roi_orient``, to its :func:`upright_window`, the object turned upright.
-    Evaluation then resizes the short side to S and centre-crops; training takes a random resized crop and a
+    Evaluation then resizes the short side to S and centre-crops (a long image cut to its :func:`central_part`
+    first); training takes a random resized crop and a
     horizontal flip, drawn once and applied to image and mask alike. A missing mask becomes all ones ("no specific
     region").
 
@@ -133,6 +151,7 @@ def image_mask_transform(
         if augment is not None:  # image and mask as tv_tensors: one random draw for both, nearest for the mask
             out_image, out_mask = augment(tv_tensors.Image(img), tv_tensors.Mask(mask))
             return out_image.as_subclass(Tensor), out_mask.as_subclass(Tensor)
+        img, mask = central_part(img, mask)
         img = TF.center_crop_image(TF.resize_image(img, [size], interpolation, antialias=True), [size, size])
         return img, TF.center_crop_mask(TF.resize_mask(mask, [size]), [size, size])  # masks: nearest neighbour
 
