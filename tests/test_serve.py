@@ -1342,3 +1342,5 @@ def test_cuda_replica_parts_match_cpu(bundle: tuple[OGCLIP, BundleInfo], world: 
         want = VectorIndex(vectors, [dim]).search(cpu, dim, 5)[1]
         got = VectorIndex(vectors, [dim], use_gpu=True).search(cpu, dim, 5)[1]
         assert (want == got).all()
+        half = VectorIndex(vectors, [dim], use_gpu=True, float16=True).search(cpu, dim, 5)
+        np.testing.assert_allclose(half[0], VectorIndex(vectors, [dim]).search(cpu, dim, 5)[0], atol=2e-3)

@@ -60,7 +60,6 @@ class VectorIndex:
         self.size = len(vectors)
         self.full_dim = vectors.shape[1]
         self.on_gpu = use_gpu and gpu_available()
-        self.float16 = float16
         self._lock = threading.Lock() if self.on_gpu else None
         self._indexes: dict[int, Any] = {}
         self._resources = faiss.StandardGpuResources() if self.on_gpu else None
