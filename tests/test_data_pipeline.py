@@ -244,6 +244,20 @@ def test_cpu_segmenter_recovers_rendered_masks() -> None:
     assert np.mean(ious) > 0.5
 
 
+def test_cpu_segmenter_samples_a_long_border() -> None:
+    """A strip a few pixels wide is all border: its k-means reads an even sample of it, not every pixel; an image
+    up to 1,024 px a side keeps every border pixel."""
+    from ogclip.segment import BORDER_SAMPLES, border_colours
+
+    strip = np.zeros((400_000, 2, 3), np.float32)
+    strip[::1000] = 255.0
+    sample = border_colours(strip)
+    assert len(sample) == BORDER_SAMPLES and (sample == 255).any() and (sample == 0).any()
+    assert len(border_colours(np.zeros((1024, 1024, 3), np.float32))) == 8 * 1024
+    mask = CpuSegmenter().segment(Image.fromarray(strip[:20_000].astype(np.uint8)))
+    assert mask.shape == (20_000, 2)
+
+
 def test_pipeline_resumes_after_being_killed_mid_stream(tmp_path: Path, kg_settings) -> None:
     """Kill the pipeline process once its streaming execution has written some blocks: the rerun keeps those,
     streams only the rows not written yet, and the shards hold every row exactly once."""

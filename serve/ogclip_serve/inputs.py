@@ -152,11 +152,18 @@ def decode_base64(data: str, what: str, max_bytes: int) -> bytes:
 # -- images --------------------------------------------------------------------------------------------------------
 
 def working_size(width: int, height: int, pixels: int) -> tuple[int, int]:
-    """``width``×``height`` scaled down, aspect kept, to about ``pixels`` (unchanged when already smaller)."""
+    """``width``×``height`` scaled down, aspect kept, to about ``pixels`` (unchanged when already smaller). A strip
+    whose short side would fall below one pixel keeps one pixel across and ``pixels`` along (1×16,000,000 works at
+    1×262,144, not at 1×2,048,000)."""
     if width * height <= pixels:
         return width, height
     scale = math.sqrt(pixels / (width * height))
-    return max(1, round(width * scale)), max(1, round(height * scale))
+    across, along = round(width * scale), round(height * scale)
+    if across < 1:
+        return 1, min(height, pixels)
+    if along < 1:
+        return min(width, pixels), 1
+    return across, along
 
 
 def open_header(data: bytes, what: str, limits: ServeLimitsConfig) -> Image.Image:
