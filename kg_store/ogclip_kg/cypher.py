@@ -196,8 +196,9 @@ FUNCTION_NAMESPACES = frozenset({
     "node", "number", "path", "point", "rel", "string", "temporal", "text", "time", "vector",
 })
 # Functions of those namespaces an analyst may not call: ArcadeDB caps what its other generators build (ranges,
-# padding, format widths) but not text.random's length, and one call can fill the server's heap.
-REFUSED_FUNCTIONS = frozenset({"text.random"})
+# padding, format widths) but not text.random's length nor geo.buffer's quadrantSegments, and one call with a small
+# argument can fill the server's heap.
+REFUSED_FUNCTIONS = frozenset({"text.random", "geo.buffer"})
 SHOWABLE = frozenset({"INDEX", "INDEXES", "CONSTRAINT", "CONSTRAINTS"})
 
 _TOKEN = re.compile(r"""
