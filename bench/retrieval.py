@@ -131,13 +131,13 @@ def main() -> None:
                         index.search(q[None], dim, 10)
                     per_dim[dim] = (time.perf_counter() - started) / len(queries) * 1e6
                 report["search_us_per_query"][f"{count} items, {storage}"] = per_dim
-            # the rest as the service does it: the last index built holds its default storage (float16)
+            served = VectorIndex(images, dims, float16=ServeRetrievalConfig().storage == "float16")  # as served
             latencies = []
             for text in query_texts(args.requests):
                 t0 = time.perf_counter()
                 with torch.inference_mode():
                     query = model.text_features([f"{text} ({count})"]).float().numpy()
-                index.search(query, full, 10)
+                served.search(query, full, 10)
                 latencies.append((time.perf_counter() - t0) * 1000)
             report["direct"][count] = {"p50_ms": statistics.median(latencies)}
         torch.set_num_threads(os.cpu_count() or 1)

@@ -130,7 +130,7 @@ CASES = [
     ("map-value-apoc-sleep", "RETURN {a: apoc.util.sleep(50)} AS m", None, "refused", "ran"),
     ("map-value-sql-version", "RETURN {v: sql.version()} AS m", None, "refused", "ran"),
     ("map-value-virtual-node", "RETURN {a: create.vNode(['Probe'], {key: 'v'})} AS m", None, "refused", "ran"),
-    # a generator without a size cap (the server caps ranges, padding and format widths)
+    # generators without a size cap (the server caps ranges, padding and format widths)
     ("text-random", "RETURN size(text.random(1000)) AS n", None, "refused", "ran"),
     ("geo-buffer-segments", "RETURN size(geo.buffer('POINT (1 2)', 1.0, {quadrantSegments: 100})) AS n", None,
      "refused", "ran"),

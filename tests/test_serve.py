@@ -306,9 +306,9 @@ def test_decoded_pixels_are_counted_from_headers_and_bounded() -> None:
     as_png, as_jpeg = RawImage(image=png(photo)), RawImage(image=jpeg(photo))
     (opened,) = open_request([as_jpeg], limits)
     assert opened.size == (2000, 1500) and opened.work == working_size(2000, 1500, 512 * 512) == (591, 443)
+    assert opened.image.size == (1000, 750), "a JPEG is decoded at half size: still at least its working size"
     for strip, work in (((1, 16_000_000), (1, 262_144)), ((16_000_000, 2), (262_144, 1)), ((2, 131_072), (2, 131_072))):
         assert working_size(*strip, 512 * 512) == work, "a strip keeps one pixel across, the budget along"
-    assert opened.image.size == (1000, 750), "a JPEG is decoded at half size: still at least its working size"
     (opened,) = open_request([as_png], limits)
     assert opened.image.size == (2000, 1500), "a PNG has no reduced decoding: counted at full size"
     open_request([as_jpeg] * 6, limits)  # 6 × 750,000 decoded pixels fit in 5,000,000

@@ -53,6 +53,19 @@ def _otsu(values: np.ndarray, bins: int = 64) -> float:
     return float(centres[int(np.argmax(between[:-1]))])
 
 
+BORDER_SAMPLES = 8192  # every border pixel of an image up to 1,024 px a side; evenly spaced ones beyond
+
+
+def border_colours(pixels: np.ndarray, limit: int = BORDER_SAMPLES) -> np.ndarray:
+    """The colours (N, 3) of the two outermost rows and columns of ``pixels`` (H, W, 3), at most ``limit`` of them
+    evenly spaced: an image a few pixels wide is all border, and k-means over millions of points cost seconds."""
+    border = np.concatenate([pixels[:2].reshape(-1, 3), pixels[-2:].reshape(-1, 3),
+                             pixels[:, :2].reshape(-1, 3), pixels[:, -2:].reshape(-1, 3)])
+    if len(border) <= limit:
+        return border
+    return border[np.linspace(0, len(border) - 1, limit).astype(int)]
+
+
 class CpuSegmenter:
     """A weight-free segmenter: the target is what differs from the image border's colours, near the centre.
 
@@ -107,19 +120,6 @@ class CpuSegmenter:
         distance = np.sqrt(((pixels[:, :, None] - centres[None, None]) ** 2).sum(-1)).min(-1)
         components, count = ndimage.label(distance > _otsu(distance))
         return components, int(count)
-
-
-BORDER_SAMPLES = 8192  # every border pixel of an image up to 1,024 px a side; evenly spaced ones beyond
-
-
-def border_colours(pixels: np.ndarray, limit: int = BORDER_SAMPLES) -> np.ndarray:
-    """The colours (N, 3) of the two outermost rows and columns of ``pixels`` (H, W, 3), at most ``limit`` of them
-    evenly spaced: an image a few pixels wide is all border, and k-means over millions of points cost seconds."""
-    border = np.concatenate([pixels[:2].reshape(-1, 3), pixels[-2:].reshape(-1, 3),
-                             pixels[:, :2].reshape(-1, 3), pixels[:, -2:].reshape(-1, 3)])
-    if len(border) <= limit:
-        return border
-    return border[np.linspace(0, len(border) - 1, limit).astype(int)]
 
 
 class Sam2Segmenter:
