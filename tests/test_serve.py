@@ -353,6 +353,16 @@ def test_gateway_resends_only_idempotent_requests_and_only_for_a_lost_replica() 
                                                   "code": "replica_lost"}
 
 
+def test_an_error_message_quotes_at_most_a_hundred_characters_of_a_value() -> None:
+    from ogclip_serve.errors import NotFound, quoted
+
+    assert quoted("no-such-set") == "'no-such-set'"
+    assert quoted("x" * 100) == repr("x" * 100)
+    assert quoted("y" * 4_000_000) == repr("y" * 100) + "… (4000000 characters)"
+    assert quoted("\ud800" * 150).startswith("'\\ud800")  # repr escapes a lone surrogate: the message encodes
+    assert len(NotFound(f"unknown class set {quoted('z' * 10**6)}").body()["error"]["message"]) < 200
+
+
 def test_a_replica_not_ready_yet_says_when_to_ask_again() -> None:
     from ogclip_serve.errors import NotReady
     from ogclip_serve.transport import error_response
@@ -883,6 +893,19 @@ def test_every_bad_input_is_a_clear_4xx_and_the_replicas_survive(service: Servic
         response = service.post("/v1/classify", json=payload)
         assert response.status_code == status, (name, response.text)
         assert message in response.json()["error"]["message"], (name, response.text)
+    # What an error quotes of the request is cut to 100 characters: the answer does not grow with what was sent.
+    long = "q" * 1_000_000
+    quoting: list[tuple[str, str, dict[str, Any], int]] = [
+        ("label", "/v1/classify", {"images": [{"image": good}], "labels": ["x", long]}, 404),
+        ("class set", "/v1/classify", {"images": [{"image": good}], "class_set": long}, 404),
+        ("field name", "/v1/classify", {"images": [{"image": good}], long: 1}, 400),
+        ("model", "/v1/embeddings", {"model": long, "input": "a photo"}, 404),
+    ]
+    for name, path, payload, status in quoting:
+        response = service.post(path, json=payload)
+        assert response.status_code == status, (name, response.text[:300])
+        assert "(1000000 characters)" in assert_error_body(response)["message"], (name, response.text[:300])
+        assert len(response.content) < 2_000, (name, len(response.content))
     response = service.session.post(service.url + "/v1/classify", data=b"{not json", timeout=30,
                                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"})
     assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]

@@ -59,6 +59,7 @@ from ogclip_serve.errors import (
     PayloadTooLarge,
     ServiceError,
     Unavailable,
+    quoted,
 )
 from ogclip_serve.index import ClassInfo, CollectionIndex, Snapshot, VectorIndex, normalise, scores
 from ogclip_serve.inputs import PreparedImage, RawImage, decode_base64, parse_json, prepare_all
@@ -223,7 +224,8 @@ def _describe(errors: Any) -> str:
     """Pydantic errors as one line: 'images.0.image: Field required; top_k: ...'."""
     parts = []
     for error in list(errors)[:5]:
-        location = ".".join(str(p) for p in error.get("loc", ()) if p != "body")
+        location = ".".join(quoted(p) if isinstance(p, str) and len(p) > 100 else str(p)
+                            for p in error.get("loc", ()) if p != "body")  # a field's name is the client's too
         parts.append(f"{location or 'body'}: {error.get('msg', 'invalid')}")
     return "invalid request: " + "; ".join(parts)
 
@@ -312,9 +314,9 @@ def _parse_box(value: Any, index: int) -> tuple[float, float, float, float] | No
     try:
         parts = [float(v) for v in text.replace(" ", "").split(",")]
     except ValueError as exc:
-        raise BadRequest(f"images[{index}].box {text!r} is not 'x0,y0,x1,y1'", param="box") from exc
+        raise BadRequest(f"images[{index}].box {quoted(text)} is not 'x0,y0,x1,y1'", param="box") from exc
     if len(parts) != 4 or not all(math.isfinite(p) for p in parts):
-        raise BadRequest(f"images[{index}].box {text!r} is not 'x0,y0,x1,y1'", param="box")
+        raise BadRequest(f"images[{index}].box {quoted(text)} is not 'x0,y0,x1,y1'", param="box")
     return parts[0], parts[1], parts[2], parts[3]
 
 
@@ -567,7 +569,7 @@ class OGClipClassifier:
         if content_type.startswith("multipart/form-data"):
             return await self._parse_multipart(request)
         if not content_type.startswith("application/json"):
-            raise BadRequest(f"unsupported content type {content_type!r}: send application/json or "
+            raise BadRequest(f"unsupported content type {quoted(content_type)}: send application/json or "
                              "multipart/form-data")
 
         def parse() -> tuple[ClassifyOptions, list[RawImage]]:
@@ -656,10 +658,10 @@ class OGClipClassifier:
         name = options.class_set or self.cfg.classes.default
         class_set = snapshot.class_sets.get(name)
         if class_set is None:
-            raise NotFound(f"unknown class set {name!r}; this service serves {sorted(snapshot.class_sets)}",
+            raise NotFound(f"unknown class set {quoted(name)}; this service serves {sorted(snapshot.class_sets)}",
                            param="class_set", code="unknown_class_set")
         if not class_set.classes:
-            raise NotFound(f"class set {name!r} has no classes with embeddings", param="class_set")
+            raise NotFound(f"class set {quoted(name)} has no classes with embeddings", param="class_set")
         return name, class_set.classes, class_set.index
 
     async def _label_vectors(self, snapshot: Snapshot, labels: list[str]
@@ -724,7 +726,7 @@ class OGClipClassifier:
              summary="one served model (OpenAI-compatible)")
     async def model(self, model_id: str) -> dict[str, Any]:
         if model_id not in self.model_ids:
-            raise NotFound(f"model {model_id!r} is not served here; use one of {sorted(self.model_ids)}",
+            raise NotFound(f"model {quoted(model_id)} is not served here; use one of {sorted(self.model_ids)}",
                            param="model", code="model_not_found")
         return self._model_card(model_id)
 
@@ -737,7 +739,7 @@ class OGClipClassifier:
     async def classes(self, class_set: str | None = None) -> dict[str, Any]:
         snapshot = self._snapshot_now()
         if class_set is not None and class_set not in snapshot.class_sets:
-            raise NotFound(f"unknown class set {class_set!r}; this service serves {sorted(snapshot.class_sets)}",
+            raise NotFound(f"unknown class set {quoted(class_set)}; this service serves {sorted(snapshot.class_sets)}",
                            param="class_set", code="unknown_class_set")
         sets = []
         for name, s in snapshot.class_sets.items():
@@ -785,7 +787,7 @@ class OGClipClassifier:
             limits = self.cfg.limits
             body = await self._read_json(request, EmbeddingsRequest)
             if body.model not in self.model_ids:
-                raise NotFound(f"model {body.model!r} is not served here; use one of {sorted(self.model_ids)}",
+                raise NotFound(f"model {quoted(body.model)} is not served here; use one of {sorted(self.model_ids)}",
                                param="model", code="model_not_found")
             dim = self._dim(body.dimensions, param="dimensions")
             inputs = [body.input] if isinstance(body.input, str) else list(body.input)

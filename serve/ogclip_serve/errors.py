@@ -42,6 +42,14 @@ def printable(text: str) -> str:
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def quoted(value: str, limit: int = 100) -> str:
+    """``value`` as an error message quotes it (``repr``), cut to its first ``limit`` characters with its length
+    said: a message never grows with what the request sent (a 4-million-character label used to come back whole)."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}… ({len(value)} characters)"
+
+
 class BadRequest(ServiceError):
     """Input the service cannot use: undecodable, malformed, or naming something unsupported."""
 

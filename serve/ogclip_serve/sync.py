@@ -27,7 +27,7 @@ from ogclip_kg import cypher
 from ogclip_kg.prompts import embed_classes, fetch_class_facts
 from ogclip_kg.store import GraphStore
 from ogclip_serve.config import ServeClassesConfig
-from ogclip_serve.errors import EmbeddingVersionError, NotFound
+from ogclip_serve.errors import EmbeddingVersionError, NotFound, quoted
 from ogclip_serve.index import ClassInfo, ClassSetIndex, Snapshot, VectorIndex
 
 log = logging.getLogger("ogclip_serve")
@@ -174,12 +174,13 @@ class ClassEmbeddingSync:
                  for r in self.store.read(cypher.TARGET_SUMMARIES, keys=keys)}
         unknown = [k for k in keys if k not in found]
         if unknown:
-            raise NotFound(f"unknown labels (not classes in the graph): {', '.join(unknown[:10])}", param="labels")
+            raise NotFound(f"unknown labels (not classes in the graph): {', '.join(map(quoted, unknown[:10]))}",
+                           param="labels")
         vectors = self.read_vectors(keys)
         missing = [k for k in keys if k not in vectors]
         if missing:
             if not self.cfg.embed_missing:
                 raise NotFound(f"labels without a class embedding for {self.model_version}: "
-                               f"{', '.join(missing[:10])}", param="labels")
+                               f"{', '.join(map(quoted, missing[:10]))}", param="labels")
             vectors.update(self.embed(missing))
         return [found[k] for k in keys], vectors
