@@ -57,6 +57,7 @@ def test_read_queries_pass_the_guard(query: str) -> None:
     "RETURN [x IN range(1, 4) | {a: sql.version()}] AS m",
     "RETURN size(TEXT.random(2000000000)) AS n",
     "RETURN geo.buffer('POINT (1 2)', 1.0, {quadrantSegments: 10000000}) AS g",
+    "WITH reduce(s = 'ab', i IN range(1, 19) | s + s) AS s RETURN text.JaroWinklerDistance(s, reverse(s)) AS d",
     "",
 ])
 def test_writes_and_admin_are_refused(query: str) -> None:

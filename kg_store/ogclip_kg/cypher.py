@@ -197,8 +197,9 @@ FUNCTION_NAMESPACES = frozenset({
 })
 # Functions of those namespaces an analyst may not call: ArcadeDB caps what its other generators build (ranges,
 # padding, format widths) but not text.random's length nor geo.buffer's quadrantSegments, and one call with a small
-# argument can fill the server's heap.
-REFUSED_FUNCTIONS = frozenset({"text.random", "geo.buffer"})
+# argument can fill the server's heap; it caps the Levenshtein functions' strings at 10,000 characters but not
+# text.jaroWinklerDistance's, whose time grows with the product of the lengths and no time limit interrupts.
+REFUSED_FUNCTIONS = frozenset({"text.random", "geo.buffer", "text.jarowinklerdistance"})
 SHOWABLE = frozenset({"INDEX", "INDEXES", "CONSTRAINT", "CONSTRAINTS"})
 
 _TOKEN = re.compile(r"""
