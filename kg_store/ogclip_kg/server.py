@@ -172,14 +172,21 @@ def _grant_analyst(server, database: str, password: str, timeout_ms: int, max_ro
         security.createUser(user)
 
 
-def _forbid_load_csv() -> None:
-    """No LOAD CSV from local files or URLs, for anyone: the platform never uses it. Set before the server starts so
-    every database it opens has it (the analyst group alone already refuses local files)."""
+def _configure_queries() -> None:
+    """Server-wide query settings, set before the server starts so every database it opens has them.
+
+    No LOAD CSV from local files or URLs, for anyone: the platform never uses it (the analyst group alone already
+    refuses local files). No admission gate (``arcadedb.queryMaxConcurrent``, at least 4 running queries, the rest
+    queued): in ArcadeDB 26.10 a Bolt query that dies of a stack overflow (a list nested 3,000 deep, which one
+    ``reduce`` builds) never gives its slot back, so four such queries from an analyst made the server refuse every
+    query after them, the platform's own included, until a restart. The heap budget (``arcadedb.queryMaxHeapRAM``)
+    still bounds what running queries hold; the analyst's time limit and scan cap bound the rest."""
     import jpype
 
     config = jpype.JClass("com.arcadedb.GlobalConfiguration")
     config.OPENCYPHER_LOAD_CSV_ALLOW_FILE_URLS.setValue(False)
     config.OPENCYPHER_LOAD_CSV_ALLOW_REMOTE_URLS.setValue(False)
+    config.QUERY_MAX_CONCURRENT.setValue(0)
 
 
 def _watch_analysts(server, timeout_ms: int, stop: threading.Event, every: float = 0.2) -> None:
@@ -188,14 +195,22 @@ def _watch_analysts(server, timeout_ms: int, stop: threading.Event, every: float
     ArcadeDB keeps a registry of the queries it runs, with their user and age, and a terminated query stops at the
     next check inside its scan, expansion, filter, UNWIND or streaming loop, whether or not its client still waits.
     That bounds what readTimeout does not (a product built with UNWIND, a long stream of rows) for the analyst only.
+    An analyst query still registered at twice the limit, terminated, is taken off the registry: its thread died
+    without closing it (a stack overflow) or it runs where no check reaches, and either way SHOW TRANSACTIONS would
+    list it, and this watch visit it, for good.
     """
     running = server._java_server.getRunningQueries()
     while not stop.wait(every):
         try:
             for query in running.getRunning():
-                overdue = query.getElapsedMillis() > timeout_ms and not query.isTerminated()
-                if overdue and str(query.getUser()) == ANALYST_USER:
+                if str(query.getUser()) != ANALYST_USER or query.getElapsedMillis() <= timeout_ms:
+                    continue
+                if not query.isTerminated():
                     query.terminate(TIME_LIMIT)
+                elif query.getElapsedMillis() > 2 * timeout_ms:
+                    _log.warning("analyst query %s did not end after its termination; taken off the registry",
+                                 query.getId())
+                    query.close()
         except Exception as exc:  # a query that ends while it is looked at; the watch must go on
             _log.warning("analyst watchdog: %s", exc)
 
@@ -221,7 +236,7 @@ def _serve(args: argparse.Namespace) -> None:
         },
         jvm_kwargs={"heap_size": args.heap},
     )
-    _forbid_load_csv()
+    _configure_queries()
     server.start()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -231,6 +231,9 @@ class GraphStore:
         except DriverError as exc:  # the connection died under the query (e.g. the server ran out of memory)
             raise GraphError(f"the graph server dropped the query's connection ({type(exc).__name__}: {exc}); the "
                              "query did not finish and wrote nothing") from exc
+        except RecursionError as exc:  # the driver reads a nested value recursively: [[[...]]] 2,000 deep is too much
+            raise GraphError("the query's result nests lists or maps too deeply to be read (hundreds of levels); "
+                             "nothing was written") from exc
 
     # -- whole-graph operations --------------------------------------------------------------------------------
 
