@@ -607,6 +607,9 @@ class OGClipClassifier:
                                      "or none", param=name)
             if not all(isinstance(f, UploadFile) for f in (*images, *masks)):
                 raise BadRequest("'image' and 'mask' parts must be files", param="image")
+            for name in ("box", "labels", "class_set", "dim", "top_k", "segment"):
+                if any(isinstance(v, UploadFile) for v in form.getlist(name)):
+                    raise BadRequest(f"'{name}' must be a form field, not a file", param=name)
             raw = []
             for i, upload in enumerate(images):
                 mask = masks[i] if masks else None
@@ -650,8 +653,13 @@ class OGClipClassifier:
             raise BadRequest("give class_set or labels, not both", param="labels")
         if options.labels:
             labels = list(dict.fromkeys(options.labels))
-            if len(labels) > self.cfg.limits.max_labels:
-                raise BadRequest(f"too many labels: {len(labels)} > {self.cfg.limits.max_labels}", param="labels")
+            limits = self.cfg.limits
+            if len(labels) > limits.max_labels:
+                raise BadRequest(f"too many labels: {len(labels)} > {limits.max_labels}", param="labels")
+            longest = max(map(len, labels))
+            if longest > limits.max_label_chars:
+                raise BadRequest(f"a label of {longest} characters; labels are class keys of at most "
+                                 f"{limits.max_label_chars}", param="labels")
             classes, vectors = await self._label_vectors(snapshot, labels)
             matrix = np.stack([vectors[c.key] for c in classes])
             return None, classes, await asyncio.to_thread(VectorIndex, matrix, [*self.dims])

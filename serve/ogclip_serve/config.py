@@ -66,6 +66,8 @@ class ServeLimitsConfig(StrictModel):
     max_texts_per_request: int = Field(default=64, ge=1)
     max_text_chars: int = Field(default=4096, ge=1)
     max_labels: int = Field(default=512, ge=1, description="explicit candidate labels in one request")
+    max_label_chars: int = Field(default=256, ge=1, le=65_536, description="one explicit label (a graph class key): "
+                                 "labels are looked up in the graph, whose Bolt messages stop at 16 MiB")
     max_top_k: int = Field(default=100, ge=1)
 
 

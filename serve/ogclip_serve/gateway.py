@@ -2,7 +2,8 @@
 
 Serve's proxy answers 500 for every request that was in flight on a replica when the replica died (killed, out of
 memory, its node gone). The gateway sits between the two: it reads each request (refusing bodies over
-``limits.max_request_bytes`` and, on ``/v1``, requests without the bearer token before it buffers anything), hands
+``limits.max_request_bytes`` and, on ``/v1``, requests without the bearer token before it buffers anything; a body
+sent anywhere else, where no path takes one, is refused unread), hands
 it whole to a classifier replica through a deployment handle, and returns the replica's answer unchanged. When
 the replica dies first, an idempotent request (``POST /v1/classify``, ``/v1/embeddings``, ``/v1/retrieve``, any
 ``GET``) is sent again, to another replica (Serve's router drops a dead replica at once), up to
@@ -39,7 +40,7 @@ from starlette.responses import JSONResponse, Response
 
 from ogclip_serve.auth import AuthPolicy
 from ogclip_serve.config import serve_config
-from ogclip_serve.errors import InternalError, ServiceError, Unavailable
+from ogclip_serve.errors import InternalError, PayloadTooLarge, ServiceError, Unavailable, quoted
 from ogclip_serve.metrics import endpoint_label
 from ogclip_serve.transport import Answer, Forwarded, error_response, forwardable, read_body
 
@@ -67,6 +68,11 @@ def _route(request: Request) -> str:
     """The request's path within the application (its route prefix removed)."""
     path, root = request.url.path, request.scope.get("root_path", "")
     return path[len(root):] if root and path.startswith(root) else path
+
+
+def _carries_body(request: Request) -> bool:
+    """Whether the request says it sends a body (a non-zero Content-Length, or any Transfer-Encoding)."""
+    return request.headers.get("content-length", "0").strip() != "0" or "transfer-encoding" in request.headers
 
 
 class ConcurrencyLimit:
@@ -151,6 +157,8 @@ class OGClipGateway:
             if route == "/v1" or route.startswith("/v1/"):  # before the body is read: no buffering for anonymous
                 self.auth.check(request.headers.get("authorization"))
                 self._admit()
+            elif _carries_body(request):  # nothing outside /v1 takes a body, and nothing there needs the token
+                raise PayloadTooLarge(f"{quoted(route)} takes no request body", code="body_not_accepted")
             body = await read_body(request, self.cfg.limits.max_request_bytes)
             if route == "/readyz" and request.method == "GET":
                 return (await self._readiness(forwardable(request, body))).response()
