@@ -972,6 +972,8 @@ def test_every_bad_input_is_a_clear_4xx_and_the_replicas_survive(service: Servic
          "Infinity"),
         ("box NaN", "/v1/classify", f'{{"images": [{item}, "box": [NaN, 0, 5, 5]}}]}}'.encode(), 400, "NaN"),
         ("top_k 1e400", "/v1/classify", f'{{"images": [{item}}}], "top_k": 1e400}}'.encode(), 400, "out of range"),
+        ("top_k 4,000 digits", "/v1/classify", f'{{"images": [{item}}}], "top_k": 1{"0" * 3999}}}'.encode(), 400,
+         "an integer of 4000 digits, which is out of range"),
         ("label lone surrogate", "/v1/classify", f'{{"images": [{item}}}], "labels": ["\\ud800"]}}'.encode(), 400,
          "labels[0] that is not valid Unicode"),
         ("class_set lone surrogate", "/v1/classify",

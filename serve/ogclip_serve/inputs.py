@@ -72,12 +72,20 @@ def _finite(text: str) -> float:
     return value
 
 
+def _integer(text: str) -> int:
+    if len(text.lstrip("-")) > 18:  # past any limit, count or size the API has, and past int64
+        raise BadRequest(f"request JSON has an integer of {len(text.lstrip('-'))} digits, which is out of range",
+                         code="invalid_json")
+    return int(text)
+
+
 def _constant(name: str) -> Any:
     raise BadRequest(f"request JSON has {name}, which is not JSON: numbers must be finite", code="invalid_json")
 
 
 def parse_json(body: bytes) -> Any:
-    """The request body as JSON, or 400: not UTF-8, not JSON, NaN/Infinity or a number out of float range, nesting
+    """The request body as JSON, or 400: not UTF-8, not JSON, NaN/Infinity, a number out of float range or an
+    integer of more than 18 digits (echoed whole by a range error, and past int64), nesting
     too deep for the parser, or a string with a lone surrogate escape (``"\\ud800"``: not Unicode, so nothing
     downstream could encode it). Linear in the body's size; nothing here recurses into the value."""
     try:
@@ -86,7 +94,7 @@ def parse_json(body: bytes) -> Any:
         raise BadRequest(f"request body is not valid UTF-8 ({exc.reason} at byte {exc.start})",
                          code="invalid_json") from None
     try:
-        data = json.loads(text, parse_float=_finite, parse_constant=_constant)
+        data = json.loads(text, parse_float=_finite, parse_int=_integer, parse_constant=_constant)
     except RecursionError:  # the parser's own guard, near 1,000 levels (the request schemas nest 3)
         raise BadRequest("request JSON nests too deeply", code="invalid_json") from None
     except ValueError as exc:
