@@ -10,7 +10,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ogclip.config import PreprocessConfig
-from ogclip.decode import ImageDecodeError, decode_image
+from ogclip.decode import JPEG_MAX_SCANS, JPEG_MAX_SEGMENTS, ImageDecodeError, decode_image, jpeg_segments
 from ogclip.transforms import ROI_MARGIN, central_part, image_mask_transform, roi_window, upright_window
 
 
@@ -36,6 +36,27 @@ def test_refuses_decompression_bombs_before_decoding() -> None:
 def test_refuses_garbage(data: bytes) -> None:
     with pytest.raises(ImageDecodeError, match="cannot decode"):
         decode_image(data)
+
+
+def test_refuses_a_jpeg_of_more_segments_or_scans_than_encoders_write() -> None:
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 400, 3), dtype=np.uint8))
+    encoded = {}
+    metadata = {"icc_profile": bytes(range(256)) * 1000, "exif": b"Exif\x00\x00" + b"x" * 60000}
+    for name, options in (("baseline", {}), ("progressive", {"progressive": True}), ("metadata", metadata)):
+        buffer = io.BytesIO()
+        noise.save(buffer, "JPEG", quality=90, **options)
+        encoded[name] = buffer.getvalue()
+        assert decode_image(encoded[name]).size == (400, 300)  # what encoders write decodes
+    assert jpeg_segments(encoded["baseline"], JPEG_MAX_SEGMENTS)[1] == 1
+    assert jpeg_segments(encoded["progressive"], JPEG_MAX_SEGMENTS)[1] == 10
+    progressive = encoded["progressive"]
+    last_scan, end = progressive.rfind(b"\xff\xda"), progressive.rfind(b"\xff\xd9")
+    rescanned = progressive[:end] + progressive[last_scan:end] * JPEG_MAX_SCANS + progressive[end:]
+    flooded = progressive[:2] + b"\xff\xe1\x00\x02" * 1_000_000 + progressive[2:]  # 4 MB of empty APP1 segments
+    assert jpeg_segments(flooded, JPEG_MAX_SEGMENTS) == (JPEG_MAX_SEGMENTS + 1, 0)  # counting stops there
+    for data in (rescanned, flooded):
+        with pytest.raises(ImageDecodeError, match="segments or 100 scans"):
+            decode_image(data)
 
 
 def test_refuses_truncated_files() -> None:

@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
+from ogclip.decode import ImageDecodeError, check_structure
 from ogclip.segment import box_mask, box_pixels
 from ogclip_serve.config import ServeLimitsConfig
 from ogclip_serve.errors import BadRequest, PayloadTooLarge, printable
@@ -36,12 +37,6 @@ Segmenter = Callable[[Image.Image, Sequence[float] | None], np.ndarray]
 # What the service decodes (a multi-picture JPEG opens as JPEG, then is an "MPO"). Everything else PIL could open
 # (EPS through Ghostscript, PSD, ICNS, ...) is refused.
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
-# A JPEG's segments (tables, metadata, scans) and scans, counted before it is opened: a photo has a few dozen
-# segments and a progressive one about ten scans, but each scan is a pass over the whole image and each segment a
-# parser record, so a 373 KB progressive JPEG repeating a tiny scan 10,000 times took 10 s of a replica's CPU and
-# 8 MB of empty APP markers 0.2 GB of memory.
-JPEG_MAX_SEGMENTS, JPEG_MAX_SCANS = 1_000, 100
-_JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")  # a marker: not byte stuffing, a restart marker or fill
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
@@ -180,31 +175,16 @@ def working_size(width: int, height: int, pixels: int) -> tuple[int, int]:
     return across, along
 
 
-def jpeg_segments(data: bytes, most: int) -> tuple[int, int]:
-    """(segments, scans) of the JPEG ``data`` up to its end of image, counting stops past ``most`` segments. Each
-    segment is skipped by its length; after a scan's header, its entropy-coded data up to the next marker."""
-    position, segments, scans = 2, 0, 0
-    while segments <= most and (found := _JPEG_MARKER.search(data, position)) is not None:
-        start = found.start()
-        if data[start + 1] == 0xD9 or start + 4 > len(data):  # end of image (or of the bytes)
-            break
-        segments += 1
-        scans += data[start + 1] == 0xDA
-        position = start + 2 + int.from_bytes(data[start + 2:start + 4], "big")
-    return segments, scans
-
-
 def open_header(data: bytes, what: str, limits: ServeLimitsConfig) -> Image.Image:
     """An image opened from its header only (no pixel decoded yet): 413 over ``limits.max_pixels`` or bytes,
     400 for anything that is not an image in :data:`IMAGE_FORMATS` and for a JPEG of more segments or scans than
-    any encoder writes (:data:`JPEG_MAX_SEGMENTS`, :data:`JPEG_MAX_SCANS`)."""
+    any encoder writes (:func:`ogclip.decode.check_structure`)."""
     if len(data) > limits.max_image_bytes:
         raise PayloadTooLarge(f"{what} is {len(data)} bytes; the limit is {limits.max_image_bytes}")
-    if data.startswith(b"\xff\xd8"):
-        segments, scans = jpeg_segments(data, JPEG_MAX_SEGMENTS)
-        if segments > JPEG_MAX_SEGMENTS or scans > JPEG_MAX_SCANS:
-            raise BadRequest(f"{what}: cannot decode image: a JPEG of more than {JPEG_MAX_SEGMENTS} segments or "
-                             f"{JPEG_MAX_SCANS} scans, which no encoder writes")
+    try:
+        check_structure(data)
+    except ImageDecodeError as exc:
+        raise BadRequest(f"{what}: cannot decode image: {exc}") from exc
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
