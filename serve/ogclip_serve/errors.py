@@ -44,7 +44,7 @@ def printable(text: str) -> str:
 
 def quoted(value: str, limit: int = 100) -> str:
     """``value`` as an error message quotes it (``repr``), cut to its first ``limit`` characters with its length
-    said: a message never grows with what the request sent (a 4-million-character label used to come back whole)."""
+    said: a message never grows with what the request sent (a 1-million-character label used to come back whole)."""
     if len(value) <= limit:
         return repr(value)
     return f"{value[:limit]!r}… ({len(value)} characters)"
