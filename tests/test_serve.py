@@ -373,6 +373,33 @@ def test_an_error_message_quotes_at_most_a_hundred_characters_of_a_value() -> No
     assert len(NotFound(f"unknown class set {quoted('z' * 10**6)}").body()["error"]["message"]) < 200
 
 
+def test_a_request_body_that_stops_arriving_is_a_408_at_its_time_limit() -> None:
+    from starlette.requests import Request
+
+    from ogclip_serve.errors import RequestTimeout
+    from ogclip_serve.transport import read_body
+
+    limits = ServeLimitsConfig(body_timeout_s=0.2)
+
+    def request(*parts: bytes, stalls: bool) -> Request:
+        messages = [{"type": "http.request", "body": part, "more_body": True} for part in parts]
+        messages[-1]["more_body"] = stalls
+
+        async def receive() -> dict[str, Any]:
+            if messages:
+                return messages.pop(0)
+            await asyncio.sleep(3600)  # the client sent part of the body, then nothing
+            raise AssertionError("the body's time limit did not act")
+
+        return Request({"type": "http", "method": "POST", "path": "/v1/classify", "headers": []}, receive)
+
+    assert asyncio.run(read_body(request(b"ab", b"cd", stalls=False), limits)) == b"abcd"
+    started = time.monotonic()
+    with pytest.raises(RequestTimeout, match=r"did not arrive within 0.2 s \(2 bytes came\)"):
+        asyncio.run(read_body(request(b"ab", stalls=True), limits))
+    assert time.monotonic() - started < 2
+
+
 def test_a_replica_not_ready_yet_says_when_to_ask_again() -> None:
     from ogclip_serve.errors import NotReady
     from ogclip_serve.transport import error_response

@@ -565,7 +565,7 @@ class OGClipClassifier:
     async def _parse_classify(self, request: Request) -> tuple[ClassifyOptions, list[RawImage]]:
         limits = self.cfg.limits
         content_type = request.headers.get("content-type", "")
-        body = await read_body(request, limits.max_request_bytes)
+        body = await read_body(request, limits)
         if content_type.startswith("multipart/form-data"):
             return await self._parse_multipart(request)
         if not content_type.startswith("application/json"):
@@ -634,7 +634,7 @@ class OGClipClassifier:
     async def _read_json(self, request: Request, schema: type[ModelT]) -> ModelT:
         """A JSON body (at most ``limits.max_request_bytes``, parsed off the event loop) validated by ``schema``;
         a schema error is the 400 FastAPI's own validation gives."""
-        data = await asyncio.to_thread(parse_json, await read_body(request, self.cfg.limits.max_request_bytes))
+        data = await asyncio.to_thread(parse_json, await read_body(request, self.cfg.limits))
         try:
             return schema.model_validate(data)
         except ValidationError as exc:

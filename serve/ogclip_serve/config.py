@@ -60,6 +60,8 @@ class ServeLimitsConfig(StrictModel):
     request may make a replica decode and process."""
 
     max_request_bytes: int = Field(default=32 * 1024 * 1024, ge=1024, description="a request body, in bytes")
+    body_timeout_s: float = Field(default=60.0, gt=0, description="a request body not all arrived by then is "
+                                  "refused with 408: a slow or stalled sender holds a connection and a queue place")
     max_images_per_request: int = Field(default=16, ge=1)
     max_image_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, description="encoded bytes of one image or mask")
     max_pixels: int = Field(default=16_000_000, ge=1, description="width × height; larger is refused before decoding")

@@ -64,6 +64,11 @@ class NotFound(ServiceError):
     code = "not_found"
 
 
+class RequestTimeout(ServiceError):
+    status = 408
+    code = "request_timeout"
+
+
 class Unauthorized(ServiceError):
     status = 401
     type = "invalid_request_error"  # as OpenAI answers a missing or wrong key

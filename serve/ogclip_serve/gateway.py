@@ -159,7 +159,7 @@ class OGClipGateway:
                 self._admit()
             elif _carries_body(request):  # nothing outside /v1 takes a body, and nothing there needs the token
                 raise PayloadTooLarge(f"{quoted(route)} takes no request body", code="body_not_accepted")
-            body = await read_body(request, self.cfg.limits.max_request_bytes)
+            body = await read_body(request, self.cfg.limits)
             if route == "/readyz" and request.method == "GET":
                 return (await self._readiness(forwardable(request, body))).response()
             answer = await self._send(forwardable(request, body, deadline), endpoint,

@@ -15,7 +15,8 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from ogclip_serve.errors import BadRequest, PayloadTooLarge, ServiceError
+from ogclip_serve.config import ServeLimitsConfig
+from ogclip_serve.errors import BadRequest, PayloadTooLarge, RequestTimeout, ServiceError
 
 ASGIApp = Callable[[MutableMapping[str, Any], Callable[[], Awaitable[dict]], Callable[[dict], Awaitable[None]]],
                    Awaitable[None]]
@@ -102,8 +103,11 @@ async def run_asgi(app: ASGIApp, request: Forwarded) -> Answer:
     return Answer(status=status, headers=headers, body=b"".join(chunks))
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes ``limit`` bytes (declared or streamed)."""
+async def read_body(request: Request, limits: ServeLimitsConfig) -> bytes:
+    """The request body, refused with 413 as soon as it passes ``limits.max_request_bytes`` (declared or streamed),
+    and with 408 when it has not all arrived within ``limits.body_timeout_s`` (a client that sends it slowly, or
+    stops half-way, holds a connection and a place in the gateway's and the replica's queues)."""
+    limit = limits.max_request_bytes
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -113,11 +117,16 @@ async def read_body(request: Request, limit: int) -> bytes:
         if size > limit:
             raise PayloadTooLarge(f"request body of {size} bytes is over the limit of {limit}")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(limits.body_timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout(f"the request body did not arrive within {limits.body_timeout_s:g} s "
+                             f"({size} bytes came)") from None
     body = b"".join(chunks)
     request._body = body  # Starlette's own body cache: request.form() then parses these bytes, not the used stream
     return body
