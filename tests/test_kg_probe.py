@@ -379,7 +379,7 @@ def test_a_product_stops_when_its_client_is_killed(probe_settings: Settings, sto
 
 def test_queries_that_die_of_a_stack_overflow_neither_block_the_server_nor_stay_listed(store: GraphStore,
                                                                                        analyst_driver) -> None:
-    """A value nested 10,000 deep overflows the server thread's stack as it is written out; ArcadeDB 26.10 then
+    """A value nested 10,000 deep overflows the server thread's stack in convert.toJson; ArcadeDB 26.10 then
     never closes the query. With its admission gate on, six of them (it admits four at once on two cores) made it
     refuse every later query, root's too."""
     deep = "WITH reduce(l = [], i IN range(1, 10000) | [l]) AS l RETURN size(convert.toJson(l)) AS n"

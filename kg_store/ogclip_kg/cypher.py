@@ -283,5 +283,5 @@ def read_only_violation(query: str) -> str | None:
                 namespaces = ", ".join(sorted(FUNCTION_NAMESPACES))
                 return f"the function {name} is not allowed; allowed namespaces: {namespaces}"
             if name.lower() in REFUSED_FUNCTIONS:
-                return f"the function {name} is not allowed (it builds a value of any size)"
+                return f"the function {name} is not allowed (unbounded in what it builds or how long it runs)"
     return None

@@ -177,9 +177,10 @@ def _configure_queries() -> None:
 
     No LOAD CSV from local files or URLs, for anyone: the platform never uses it (the analyst group alone already
     refuses local files). No admission gate (``arcadedb.queryMaxConcurrent``, at least 4 running queries, the rest
-    queued): in ArcadeDB 26.10 a Bolt query that dies of a stack overflow (a list nested 3,000 deep, which one
-    ``reduce`` builds) never gives its slot back, so four such queries from an analyst made the server refuse every
-    query after them, the platform's own included, until a restart. The heap budget (``arcadedb.queryMaxHeapRAM``)
+    queued): in ArcadeDB 26.10 a Bolt query that dies of a stack overflow in a function or comparison
+    (``convert.toJson`` of a list nested 3,000 deep, which one ``reduce`` builds) never gives its slot back, so four
+    such queries from an analyst made the server refuse every query after them, the platform's own included, until
+    a restart. The heap budget (``arcadedb.queryMaxHeapRAM``)
     still bounds what running queries hold; the analyst's time limit and scan cap bound the rest."""
     import jpype
 

@@ -68,9 +68,9 @@ def _finite(text: str) -> float:
 
 
 def _integer(text: str) -> int:
-    if len(text.lstrip("-")) > 18:  # past any limit, count or size the API has, and past int64
-        raise BadRequest(f"request JSON has an integer of {len(text.lstrip('-'))} digits, which is out of range",
-                         code="invalid_json")
+    digits = len(text.lstrip("-"))
+    if digits > 18:  # past any limit, count or size the API has, and past int64
+        raise BadRequest(f"request JSON has an integer of {digits} digits, which is out of range", code="invalid_json")
     return int(text)
 
 
