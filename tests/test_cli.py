@@ -33,6 +33,7 @@ def test_models_lists_every_registered_architecture() -> None:
     rows = json.loads(run("models", "--json").stdout)
     paper = next(r for r in rows if r["name"] == "og-clip-vit-l-14")
     assert (paper["vision_layers"], paper["vision_width"], paper["patch_size"]) == (24, 1024, 14)
+    assert paper["stem"] == "patch" and next(r for r in rows if r["name"] == "og-clip-tiny-conv")["stem"] == "conv"
 
 
 def test_bad_config_is_a_clear_error(tmp_path: Path) -> None:

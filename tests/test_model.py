@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import MICRO_OPENCLIP, images_and_masks
 
 import ogclip
-from ogclip.models import ROIPatchEmbed
+from ogclip.models import ROIConvStem, ROIPatchEmbed
 
 
 def test_registry_lists_shipped_configs() -> None:
@@ -66,6 +66,30 @@ def test_roi_patch_embed_keeps_open_clip_keys(micro_openclip: ogclip.OGCLIP) -> 
     assert isinstance(micro_openclip.visual.conv1, ROIPatchEmbed)
     with pytest.raises(ValueError, match="mask channel"):
         micro_openclip.visual(torch.zeros(1, 3, 32, 32))
+
+
+def test_conv_stem_reads_no_mask_until_trained_and_keeps_the_token_grid() -> None:
+    """``stem: conv``: 3×3 stride-2 stems for the image and the mask give one token per patch as the patch conv does;
+    the ROI stem starts at zero (the mask changes nothing) and, once its weights move, the mask changes the output."""
+    model = ogclip.create_model("og-clip-vit-l-14", device="cpu", **MICRO_OPENCLIP, stem="conv").eval()
+    stem = model.visual.conv1
+    assert isinstance(stem, ROIConvStem)
+    assert [m.stride for m in stem.image if isinstance(m, torch.nn.Conv2d)] == [(2, 2)] * 3 + [(1, 1)]
+    keys = set(model.state_dict())
+    assert "visual.conv1.weight" not in keys and {"visual.conv1.image.0.weight", "visual.conv1.roi.6.weight"} <= keys
+    images, masks = images_and_masks()
+    with torch.no_grad():
+        assert stem(torch.cat([images, masks], 1)).shape == (len(images), 64, 4, 4)
+        no_mask = model.encode_image(images)
+        for mask in (masks, torch.zeros_like(masks)):
+            assert torch.equal(model.encode_image(images, mask), no_mask)
+        torch.nn.init.normal_(stem.roi[-1].weight, std=0.05)
+        assert (model.encode_image(images, masks) - model.encode_image(images, 1 - masks)).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="mask channel"):
+        model.visual(torch.zeros(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="power-of-two patch size"):
+        ogclip.create_model("og-clip-vit-l-14", device="cpu", **{**MICRO_OPENCLIP, "vision_cfg": {
+            **MICRO_OPENCLIP["vision_cfg"], "image_size": 36, "patch_size": 12}}, stem="conv")
 
 
 def test_text_transformer_frozen_projection_trainable(model: ogclip.OGCLIP) -> None:

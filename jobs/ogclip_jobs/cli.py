@@ -28,6 +28,7 @@ def _models(args: argparse.Namespace) -> int:
             "vision_layers": cfg.vision_cfg.get("layers"),
             "vision_width": cfg.vision_cfg.get("width"),
             "patch_size": cfg.vision_cfg.get("patch_size"),
+            "stem": cfg.stem,
             "embed_dim": cfg.embed_dim,
             "mrl": cfg.mrl.weighting,
             "text_tower": text,
@@ -35,11 +36,12 @@ def _models(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    header = f"{'name':<20}{'image':>6}{'layers':>8}{'width':>7}{'patch':>7}{'embed':>7}  {'mrl':<9}text tower"
+    header = (f"{'name':<20}{'image':>6}{'layers':>8}{'width':>7}{'patch':>7}  {'stem':<6}{'embed':>5}  {'mrl':<9}"
+              "text tower")
     print(header)
     for r in rows:
         print(f"{r['name']:<20}{r['image_size']:>6}{r['vision_layers']:>8}{r['vision_width']:>7}{r['patch_size']:>7}"
-              f"{r['embed_dim']:>7}  {r['mrl']:<9}{r['text_tower']}")
+              f"  {r['stem']:<6}{r['embed_dim']:>5}  {r['mrl']:<9}{r['text_tower']}")
     return 0
 
 

@@ -134,6 +134,11 @@ class ModelConfig(StrictModel):
     quick_gelu: bool = False
     init_logit_scale: float = math.log(1 / 0.07)
     mrl: MRLConfig = MRLConfig()
+    stem: Literal["patch", "conv"] = Field(
+        default="patch", description="How the image tower turns the image and its mask into patch tokens: "
+        "``patch``, CLIP's patch conv with the paper's ROI conv beside it (non-overlapping, one cell per patch; what "
+        "a CLIP checkpoint loads into); ``conv``, convolutional stems of 3×3 stride-2 layers for both (a power-of-two "
+        "patch size; for towers trained from scratch, which read outlines far sooner through it)")
     preprocess_cfg: dict[str, Any] = Field(
         default_factory=dict,
         description="Overrides of mean/std/interpolation/roi_zoom; image_size comes from vision_cfg.",

@@ -4,7 +4,7 @@ from ogclip.models.checkpoint import CheckpointError, LoadReport, load_checkpoin
 from ogclip.models.detail import DetailCLIP
 from ogclip.models.mps import MPSCLIP
 from ogclip.models.mrl import MatryoshkaHead, granularity_dims, truncate
-from ogclip.models.ogclip import OGCLIP, ROIPatchEmbed
+from ogclip.models.ogclip import OGCLIP, ROIConvStem, ROIPatchEmbed
 from ogclip.models.registry import (
     add_model_config,
     build_model,
@@ -21,6 +21,7 @@ __all__ = [
     "DetailCLIP",
     "LoadReport",
     "MatryoshkaHead",
+    "ROIConvStem",
     "ROIPatchEmbed",
     "add_model_config",
     "build_model",

@@ -23,7 +23,7 @@ TextInput = str | Sequence[str] | Tensor
 
 
 class ROIPatchEmbed(nn.Conv2d):
-    """The ViT's patch conv with OG-CLIP's ROI module running in parallel on the mask channel.
+    """The ViT's patch conv with OG-CLIP's ROI module running in parallel on the mask channel (``stem: patch``).
 
     Input is the image with its mask appended as a last channel (values in [0, 1], 1 = target). The patch conv sees
     the RGB channels exactly as before; the ROI conv (same kernel and stride, so one output per patch) sees the mask,
@@ -48,9 +48,53 @@ class ROIPatchEmbed(nn.Conv2d):
         nn.init.zeros_(self.roi.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.shape[1] != self.in_channels + 1:
-            raise ValueError(f"expected {self.in_channels} image channels plus 1 mask channel, got {x.shape[1]}")
-        return super().forward(x[:, :-1]) + self.roi(x[:, -1:])
+        image, mask = _split_mask(x, self.in_channels)
+        return super().forward(image) + self.roi(mask)
+
+
+def _split_mask(x: Tensor, image_channels: int) -> tuple[Tensor, Tensor]:
+    """The image channels and the mask channel of a stem's input."""
+    if x.shape[1] != image_channels + 1:
+        raise ValueError(f"expected {image_channels} image channels plus 1 mask channel, got {x.shape[1]}")
+    return x[:, :-1], x[:, -1:]
+
+
+def conv_stem(in_channels: int, out_channels: int, patch: int, last_width: int, bias: bool = True) -> nn.Sequential:
+    """log2(``patch``) 3×3 stride-2 convolutions with GELU, the widths doubling up to ``last_width``, then a 1×1
+    projection to ``out_channels``: one output per ``patch``-pixel cell, as the patch conv gives, but from
+    overlapping receptive fields that see edges and outlines (Xiao et al. 2021, "Early convolutions help
+    transformers see better")."""
+    depth = patch.bit_length() - 1
+    if patch < 2 or 1 << depth != patch:
+        raise ValueError(f"a conv stem needs a power-of-two patch size, got {patch}")
+    layers: list[nn.Module] = []
+    channels = in_channels
+    for i in reversed(range(depth)):
+        width = max(last_width >> i, 4)
+        layers += [nn.Conv2d(channels, width, 3, stride=2, padding=1), nn.GELU()]
+        channels = width
+    return nn.Sequential(*layers, nn.Conv2d(channels, out_channels, 1, bias=bias))
+
+
+class ROIConvStem(nn.Module):
+    """OG-CLIP's image and ROI branches as convolutional stems (``stem: conv``): a :func:`conv_stem` on the RGB
+    channels in place of the patch conv, and a narrower one (half the widths) on the mask channel, summed per patch
+    before the class token and positional embeddings, as :class:`ROIPatchEmbed` sums its two convs. The ROI stem's
+    last projection is zero-initialised, so a fresh model reads no mask. For towers trained from scratch: a CLIP
+    checkpoint's patch conv has no place here. State-dict keys ``visual.conv1.image.*`` and ``visual.conv1.roi.*``.
+    """
+
+    def __init__(self, patch: nn.Conv2d) -> None:
+        super().__init__()
+        width, size = patch.out_channels, patch.kernel_size[0]
+        self.image = conv_stem(patch.in_channels, width, size, width)
+        self.roi = conv_stem(1, width, size, width // 2, bias=False)
+        nn.init.zeros_(self.roi[-1].weight)
+        self.in_channels = patch.in_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        image, mask = _split_mask(x, self.in_channels)
+        return self.image(image) + self.roi(mask)
 
 
 def resolve_hf_model(name: str) -> str:
@@ -140,7 +184,8 @@ def vit_tokens(visual: nn.Module, x: Tensor, kept: Tensor | None = None, with_at
 class OGCLIP(nn.Module):
     """Object-Guide CLIP.
 
-    * Image tower: open_clip's ``VisionTransformer`` with :class:`ROIPatchEmbed` as its patch conv; fully trainable.
+    * Image tower: open_clip's ``VisionTransformer`` with :class:`ROIPatchEmbed` as its patch conv (or
+      :class:`ROIConvStem` with ``stem: conv``); fully trainable.
     * Text tower: open_clip's ``TextTransformer`` or ``HFTextEncoder``. Its transformer is frozen (no gradients, always
       in eval mode) as in the paper; its final projection stays trainable. That projection is how the joint space
       gets its dimension D when the text tower is frozen: it maps the text width (768 for OpenCLIP ViT-L/14, 384 for
@@ -167,7 +212,8 @@ class OGCLIP(nn.Module):
             text_cfg["hf_tokenizer_name"] = resolve_hf_model(tokenizer_name)
         text_dc = CLIPTextCfg(**text_cfg)
         self.visual = _build_vision_tower(cfg.embed_dim, CLIPVisionCfg(**cfg.vision_cfg), cfg.quick_gelu)
-        self.visual.conv1 = ROIPatchEmbed(self.visual.conv1)
+        stem = ROIConvStem if cfg.stem == "conv" else ROIPatchEmbed
+        self.visual.conv1 = stem(self.visual.conv1)
         with _quiet_transformers():
             self.text = _build_text_tower(cfg.embed_dim, text_dc, cfg.quick_gelu)
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
