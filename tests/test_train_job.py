@@ -113,6 +113,13 @@ def test_two_worker_training_survives_a_killed_worker_then_exports(tmp_path: Pat
     expected = class_embeddings(model, prompts_for(fetch_class_facts(graph, keys), "kg"))
     assert torch.allclose(torch.tensor([stored[k] for k in keys]), expected[:, :4], atol=1e-5)
 
+    # The config's model changed since the run's checkpoints were written: a clear refusal, not a worker traceback.
+    from ogclip.models import CheckpointError
+
+    other = cfg.model_copy(update={"model": "og-clip-tiny-conv", "max_failures": 0})
+    with pytest.raises(CheckpointError, match=r"do not fit og-clip-tiny-conv: give the run another name"):
+        run_training(other, log=lambda _: None)
+
 
 def test_zero_shot_scores_on_known_predictions() -> None:
     """Three classes, orthogonal class vectors; images built to be right or wrong by construction."""

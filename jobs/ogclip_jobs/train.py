@@ -39,7 +39,7 @@ from torch import Tensor
 from ogclip.bundle import export_bundle
 from ogclip.config import PromptMode, TextSupervision
 from ogclip.decode import decode_image
-from ogclip.models import OGCLIP, load_checkpoint, save_checkpoint
+from ogclip.models import OGCLIP, CheckpointError, load_checkpoint, save_checkpoint
 from ogclip.recipes import Recipe, TrainBatch, create_recipe
 from ogclip.transforms import image_mask_transform
 from ogclip_jobs.config import SceneStreamConfig, SynthStreamConfig, TrainConfig, TrainJobConfig
@@ -623,6 +623,14 @@ def fit(cfg: TrainJobConfig, prompts: dict[str, list[str]], classes: list[str],
     try:
         with follow_metrics(run_dir / "metrics.jsonl", cfg.train.steps, log):
             return trainer.fit()
+    except ray.train.WorkerGroupError as exc:
+        # A run folder whose checkpoints another architecture wrote (the config's model changed since) cannot be
+        # resumed: say so, as a refused input, rather than as a worker's traceback.
+        cause = next((e for e in exc.worker_failures.values() if isinstance(e, CheckpointError)), None)
+        if cause is None:
+            raise
+        raise CheckpointError(f"{run_dir} holds checkpoints that do not fit {cfg.model}: give the run another "
+                              f"name, or remove the folder to train afresh ({cause})") from exc
     finally:
         for renderer in renderers or ():
             ray.kill(renderer)
